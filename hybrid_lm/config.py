@@ -1,0 +1,177 @@
+"""Model configuration: a typed dataclass is the truth, YAML its saved form.
+
+A model YAML describes architecture only (training settings live in `train/configs/`). Field names follow Hugging
+Face where a concept maps. The layer stack is either an explicit `layer_types` list or a `layer_pattern` that is
+tiled over `num_hidden_layers`; code only ever sees the expanded `layer_types`. Each mixer's own settings sit under
+`mixers.<name>`; an alias with `type:` gives a registered mixer a second set of settings:
+
+    layer_pattern: [gated_deltanet, gated_deltanet, gated_deltanet, dsa]
+    mixers:
+      dsa: {index_topk: 256}
+      local: {type: attention, sliding_window: 512}   # usable as `local` in the pattern
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .registry import MixerConfig, get_mixer, mixer_names
+from .utils.typed import from_dict, to_dict
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: list[str]
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    name: str = ""
+    mixers: dict[str, MixerConfig] = field(default_factory=dict)
+    mixer_aliases: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            # SwiGLU's 8/3 expansion rounded up to a multiple of 64
+            self.intermediate_size = -(-int(8 * self.hidden_size / 3) // 64) * 64
+
+    def mixer_type(self, layer_type: str) -> str:
+        """The registered mixer behind a layer type (itself, or what an alias points to)."""
+        return self.mixer_aliases.get(layer_type, layer_type)
+
+    def mixer_config(self, layer_type: str) -> MixerConfig:
+        return self.mixers[layer_type]
+
+
+def _expand_layers(raw: dict, where: str) -> list[str]:
+    pattern, types = raw.pop("layer_pattern", None), raw.get("layer_types")
+    n = raw.get("num_hidden_layers")
+    if pattern is not None and types is not None:
+        raise ValueError(f"{where}: give either 'layer_pattern' or 'layer_types', not both")
+    if pattern is None:
+        if types is None:
+            raise ValueError(f"{where}: missing 'layer_types' (or a 'layer_pattern' to tile)")
+        return types
+    if not isinstance(pattern, list) or not pattern:
+        raise ValueError(f"{where}: key 'layer_pattern' = {pattern!r} must be a non-empty list of mixer names")
+    if not isinstance(n, int) or n % len(pattern):
+        raise ValueError(f"{where}: key 'layer_pattern' of length {len(pattern)} does not tile "
+                         f"num_hidden_layers = {n!r}; use a depth that is a multiple of {len(pattern)}, "
+                         f"or list every layer under 'layer_types'")
+    return list(pattern) * (n // len(pattern))
+
+
+def _parse_mixers(raw: Any, where: str) -> tuple[dict[str, MixerConfig], dict[str, str]]:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: key 'mixers' must be a mapping of mixer name -> settings")
+    mixers, aliases = {}, {}
+    for name, settings in raw.items():
+        settings = dict(settings or {})
+        kind = settings.pop("type", name)
+        if kind not in mixer_names():
+            raise ValueError(f"{where}: key 'mixers.{name}' has unknown mixer type {kind!r}; "
+                             f"registered mixers: {', '.join(mixer_names())} (or give 'type:' for an alias)")
+        if kind != name:
+            aliases[name] = kind
+        mixers[name] = from_dict(get_mixer(kind).config_cls, settings, where, prefix=f"mixers.{name}.")
+    return mixers, aliases
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> ModelConfig:
+    """Strictly build and validate a ModelConfig from a plain dict (as parsed from YAML)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: a model config must be a mapping, got {type(data).__name__}")
+    raw = dict(data)
+    raw["layer_types"] = _expand_layers(raw, where)
+    mixers, aliases = _parse_mixers(raw.pop("mixers", None), where)
+    raw.pop("mixer_aliases", None)
+    cfg = from_dict(ModelConfig, raw, where)
+    cfg.mixers, cfg.mixer_aliases = mixers, aliases
+    for layer_type in dict.fromkeys(cfg.layer_types):  # defaults for mixers used without a section
+        if layer_type not in cfg.mixers:
+            cfg.mixers[layer_type] = get_mixer(layer_type).config_cls() if layer_type in mixer_names() else None
+    validate_config(cfg, where)
+    return cfg
+
+
+def validate_config(cfg: ModelConfig, where: str = "<config>") -> None:
+    def bad(key, value, why):
+        raise ValueError(f"{where}: key '{key}' = {value!r}: {why}")
+
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "max_position_embeddings"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            bad(key, getattr(cfg, key), "must be a positive integer" +
+                (" (hidden_size is not divisible by num_attention_heads: set head_dim)" if key == "head_dim" else ""))
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        bad("num_key_value_heads", cfg.num_key_value_heads,
+            f"must divide num_attention_heads = {cfg.num_attention_heads}")
+    if len(cfg.layer_types) != cfg.num_hidden_layers:
+        bad("layer_types", cfg.layer_types, f"has {len(cfg.layer_types)} entries but num_hidden_layers = "
+            f"{cfg.num_hidden_layers}")
+    valid = sorted(set(mixer_names()) | set(cfg.mixer_aliases))
+    for i, layer_type in enumerate(cfg.layer_types):
+        if layer_type not in valid:
+            bad(f"layer_types[{i}]", layer_type, f"unknown mixer; valid choices: {', '.join(valid)}")
+    for name, mixer_cfg in cfg.mixers.items():
+        mixer_cfg.validate(cfg, f"{where}: mixers.{name}")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    """Load a model YAML strictly; errors name the file, the key and the value."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model config {str(path)!r} does not exist (configs ship in model_configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    return config_from_dict(data, str(path))
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    data = to_dict(cfg)
+    data.pop("mixer_aliases")
+    data["mixers"] = {}
+    for name, mixer_cfg in cfg.mixers.items():
+        entry = to_dict(mixer_cfg)
+        if name in cfg.mixer_aliases:
+            entry = {"type": cfg.mixer_aliases[name], **entry}
+        data["mixers"][name] = entry
+    return data
+
+
+def save_config(cfg: ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def config_replace(cfg: ModelConfig, **changes) -> ModelConfig:
+    """A validated copy with top-level fields changed; `mixers={'dsa': {'index_topk': 8}}` merges settings."""
+    data = config_to_dict(cfg)
+    mixer_changes = changes.pop("mixers", {}) or {}
+    data.update(changes)
+    for name, settings in mixer_changes.items():
+        data["mixers"][name] = {**data["mixers"].get(name, {}), **settings}
+    return config_from_dict(data, "<config_replace>")
+
+
+__all__ = ["ModelConfig", "load_config", "save_config", "config_from_dict", "config_to_dict", "config_replace",
+           "validate_config"]

@@ -1,0 +1,51 @@
+"""What every mixer receives beside its hidden states: positions, document boundaries, decoding offset, and a
+place to report auxiliary losses and metrics (the DSA indexer's KL, attention recall).
+
+Shapes: `position_ids [B, T]`; `cu_seqlens [N + 1]` (batch 1, N packed documents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .rope import rope_cos_sin
+
+
+@dataclass
+class SequenceInfo:
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor | None = None
+    offset: int = 0
+    aux_losses: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    _rope: dict = field(default_factory=dict)
+
+    def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin `[B, T, dim]`, computed once per forward for each (dim, theta)."""
+        key = (dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_cos_sin(self.position_ids, dim, theta)
+        return self._rope[key]
+
+
+class GrowingBuffer:
+    """A decoding cache tensor `[B, L, ...]` that grows along dim 1 with amortised O(1) appends."""
+
+    def __init__(self):
+        self.data: torch.Tensor | None = None
+        self.length = 0
+
+    def append(self, new: torch.Tensor) -> torch.Tensor:
+        """Append `new [B, t, ...]`; return a view of everything so far `[B, L + t, ...]`."""
+        need = self.length + new.shape[1]
+        if self.data is None or need > self.data.shape[1]:
+            cap = max(need, 2 * (self.data.shape[1] if self.data is not None else 0), 64)
+            grown = new.new_empty((new.shape[0], cap, *new.shape[2:]))
+            if self.data is not None:
+                grown[:, : self.length] = self.data[:, : self.length]
+            self.data = grown
+        self.data[:, self.length: need] = new
+        self.length = need
+        return self.data[:, :need]

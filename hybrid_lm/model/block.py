@@ -1,0 +1,26 @@
+"""The one generic block: `x + mixer(norm(x))`, then `x + mlp(norm(x))` (pre-norm, as in Llama and Qwen3-Next).
+The mixer comes from the registry by the layer's type; the block never branches on it. Shapes: `x [B, T, C]`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..config import ModelConfig
+from ..layers import RMSNorm, SwiGLU
+from ..registry import get_mixer
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        layer_type = config.layer_types[layer_idx]
+        spec = get_mixer(config.mixer_type(layer_type))
+        self.layer_type = layer_type
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = spec.cls(config, layer_idx, config.mixer_config(layer_type))
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, seq, cache=None):
+        x = x + self.mixer(self.input_layernorm(x), seq, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,167 @@
+"""The one causal LM class: embedding -> blocks (one per entry of `layer_types`) -> final RMSNorm -> LM head.
+
+Architectures differ only in their config. `cu_seqlens` packs documents into one row (batch 1) so that no token
+sees another document; labels follow the Hugging Face convention (shifted inside; -100 ignored), and predictions
+across a document boundary are masked. Shapes: `input_ids [B, T]`, `x [B, T, C]`, `logits [B, T, V]`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, validate_config
+from ..layers import DSA_STAGES, DeepSeekSparseAttention, RMSNorm, SequenceInfo
+from .block import Block
+from .cache import Cache
+from .generation import generate
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    metrics: dict = field(default_factory=dict)
+    hidden_states: tuple | None = None
+
+
+class HybridLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        validate_config(config)
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) for projections and embeddings; residual outputs (o_proj, down_proj)
+        scaled by 1/sqrt(2 * layers) as in GPT-2; norms to one; mixer-specific init (e.g. GDN's decay) last."""
+        if self.embed_tokens.weight.is_meta:
+            return
+        for name, module in self.named_modules():
+            if module is not self:
+                self.init_module(name, module)
+
+    def init_module(self, name: str, module: nn.Module) -> None:
+        """Initialise one submodule (qualified `name`) as `reset_parameters` does; transformers calls this through
+        the exported model for weights a checkpoint lacks."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            leaf = name.rsplit(".", 1)[-1]
+            out_std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            nn.init.normal_(module.weight, 0.0, out_std if leaf in ("o_proj", "down_proj") else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, 0.0, std)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def _sequence_info(self, input_ids, cu_seqlens, cache) -> SequenceInfo:
+        B, T = input_ids.shape
+        offset = cache.seq_len if cache is not None else 0
+        vocab, max_pos = self.config.vocab_size, self.config.max_position_embeddings
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab}); "
+                             f"check the tokenizer matches this model (vocab_size = {vocab})")
+        device = input_ids.device
+        if cu_seqlens is None:
+            longest = offset + T
+            position_ids = torch.arange(offset, offset + T, device=device).expand(B, T)
+        else:
+            if B != 1 or cache is not None:
+                raise ValueError(f"cu_seqlens packs documents into one row: input_ids must be [1, T] (got "
+                                 f"{list(input_ids.shape)}) and no cache may be given")
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            if cu_seqlens[0] != 0 or cu_seqlens[-1] != T or (cu_seqlens[1:] < cu_seqlens[:-1]).any():
+                raise ValueError(f"cu_seqlens must rise from 0 to T = {T}; got {cu_seqlens.tolist()[:8]}...")
+            lengths = cu_seqlens.diff()
+            longest = int(lengths.max())
+            starts = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=T)
+            position_ids = (torch.arange(T, device=device) - starts)[None]  # [1, T]
+        if longest > max_pos:
+            raise ValueError(f"a sequence of {longest} tokens exceeds max_position_embeddings = {max_pos}; "
+                             f"shorten the input or raise max_position_embeddings in the model config")
+        return SequenceInfo(position_ids=position_ids, cu_seqlens=cu_seqlens, offset=offset)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, cache: Cache | None = None,
+                output_hidden_states: bool = False) -> LMOutput:
+        seq = self._sequence_info(input_ids, cu_seqlens, cache)
+        x = self.embed_tokens(input_ids)
+        hidden = [x] if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, seq, cache.layers[i] if cache is not None else None)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        logits = self.lm_head(x)
+        if cache is not None:
+            cache.seq_len += input_ids.shape[1]
+        loss = self.lm_loss(logits, labels, seq.cu_seqlens) if labels is not None else None
+        aux = torch.stack(seq.aux_losses).sum() if seq.aux_losses else logits.new_zeros((), dtype=torch.float32)
+        return LMOutput(logits, loss, aux, seq.metrics, tuple(hidden) if hidden is not None else None)
+
+    @staticmethod
+    def lm_loss(logits, labels, cu_seqlens=None) -> torch.Tensor:
+        """Mean next-token cross-entropy; no prediction crosses a document boundary."""
+        targets = labels[:, 1:].clone()  # [B, T-1]: position t predicts token t+1
+        if cu_seqlens is not None and cu_seqlens.numel() > 2:
+            targets[0, cu_seqlens[1:-1].long() - 1] = -100  # the first token of a document has no context
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    # ----------------------------------------------------------------------------------------------- DSA
+    def _dsa_layers(self):
+        return [m for m in self.modules() if isinstance(m, DeepSeekSparseAttention)]
+
+    def set_dsa_stage(self, stage: str) -> None:
+        if stage not in DSA_STAGES:
+            raise ValueError(f"unknown dsa_stage {stage!r}; choose one of {list(DSA_STAGES)}")
+        if stage != "none" and not self._dsa_layers():
+            raise ValueError(f"dsa_stage {stage!r} needs DSA layers, but layer_types has none: "
+                             f"{sorted(set(self.config.layer_types))}")
+        for layer in self._dsa_layers():
+            layer.dsa_stage = stage
+
+    def set_indexer_loss_weight(self, weight: float) -> None:
+        for layer in self._dsa_layers():
+            layer.indexer_loss_weight = float(weight)
+
+    def indexer_parameters(self):
+        return (p for n, p in self.named_parameters() if ".indexer." in n)
+
+    # ----------------------------------------------------------------------------------------------- misc
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            params.pop(id(self.embed_tokens.weight), None)
+            params.pop(id(self.lm_head.weight), None)
+        return sum(p.numel() for p in params.values())
+
+    def flops_per_token(self, context_len: int) -> float:
+        """Forward FLOPs per token: 2 per matmul weight (embedding lookup excluded) plus each mixer's
+        context-dependent part at the given context length (averaged over causal positions)."""
+        matmul = self.num_parameters() - self.embed_tokens.weight.numel()
+        if self.config.tie_word_embeddings:
+            matmul += self.lm_head.weight.numel()
+        return 2.0 * matmul + sum(layer.mixer.flops_per_token(context_len) for layer in self.layers)
+
+    def new_cache(self) -> Cache:
+        return Cache(len(self.layers))
+
+    generate = generate

@@ -1,0 +1,186 @@
+"""Model invariants for every built-in mixer and for mixed patterns: causality, prefill + decode == full forward,
+packed documents == separate runs, DSA with topk >= T == dense attention, clear errors on bad input."""
+
+import pytest
+import torch
+
+import hybrid_lm
+
+from .helpers import tiny_config, tiny_model
+
+MIXERS = ["attention", "dsa", "gated_deltanet"]
+PATTERNS = [[m, m] for m in MIXERS] + [["gated_deltanet", "dsa", "gated_deltanet", "attention"]]
+IDS = ["-".join(p) for p in PATTERNS]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
+def test_causal(pattern):
+    model = tiny_model(pattern, torch.float64)
+    ids = torch.randint(0, 97, (2, 24))
+    changed = ids.clone()
+    changed[:, 15:] = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :15], b[:, :15], rtol=0, atol=1e-10)
+    assert (a[:, 15:] - b[:, 15:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
+def test_prefill_then_decode_equals_full_forward(pattern):
+    # float64 and T > index_topk (8), so the DSA layers select during both prefill and decoding
+    model = tiny_model(pattern, torch.float64)
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :11], cache=cache).logits]
+        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(11, 30)]
+    assert cache.seq_len == 30
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
+def test_packed_documents_equal_separate_runs(pattern):
+    model = tiny_model(pattern, torch.float64)
+    lengths = [7, 13, 1, 19]
+    docs = [torch.randint(0, 97, (1, n)) for n in lengths]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(torch.cat(docs, 1), cu_seqlens=cu).logits
+        separate = torch.cat([model(d).logits for d in docs], 1)
+    torch.testing.assert_close(packed, separate, rtol=1e-9, atol=1e-9)
+
+
+def test_packed_loss_masks_predictions_across_documents():
+    model = tiny_model(["attention"], torch.float64)
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 6))
+    cu = torch.tensor([0, 9, 15], dtype=torch.int32)
+    ids = torch.cat([a, b], 1)
+    with torch.no_grad():
+        packed = model(ids, cu_seqlens=cu, labels=ids).loss
+        la, lb = model(a, labels=a).loss, model(b, labels=b).loss
+    torch.testing.assert_close(packed, (la * 8 + lb * 5) / 13)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_dsa_with_topk_at_least_T_equals_dense_attention(kv_heads):
+    dense = tiny_model(["attention", "gated_deltanet", "attention"], torch.float64, num_key_value_heads=kv_heads)
+    sparse = tiny_model(["dsa", "gated_deltanet", "dsa"], torch.float64, num_key_value_heads=kv_heads,
+                        mixers={"dsa": {"index_topk": 32, "index_n_heads": 2, "index_head_dim": 8,
+                                        "qk_norm": True, "output_gate": True}})
+    missing, unexpected = sparse.load_state_dict(dense.state_dict(), strict=False)
+    assert unexpected == [] and all(".indexer." in k for k in missing)
+    ids = torch.randint(0, 97, (2, 32))
+    with torch.no_grad():
+        expected = dense(ids).logits
+        torch.testing.assert_close(sparse(ids).logits, expected, rtol=1e-9, atol=1e-9)
+        for stage in ("sparse", "dense_warmup"):  # selection on, but every query keeps all its keys
+            sparse.set_dsa_stage(stage)
+            torch.testing.assert_close(sparse(ids).logits, expected, rtol=1e-9, atol=1e-9)
+    # below T the selection drops keys and the output changes
+    sparse.set_dsa_stage("none")
+    for layer in sparse._dsa_layers():
+        layer.topk = 4
+    with torch.no_grad():
+        assert (sparse(ids).logits - expected).abs().max() > 1e-4
+
+
+def test_dsa_training_stages_report_losses_and_route_gradients():
+    model = tiny_model(["gated_deltanet", "dsa"])
+    ids = torch.randint(0, 97, (1, 40))
+    model.set_dsa_stage("dense_warmup")
+    out = model(ids, labels=ids)
+    assert set(out.metrics) == {"dsa/layer1/kl", "dsa/layer1/recall"}
+    assert out.aux_loss > 0 and 0 < out.metrics["dsa/layer1/recall"] <= 1
+    out.aux_loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(grads[n] is not None for n, _ in model.named_parameters() if ".indexer." in n)
+    assert all(grads[n] is None for n in grads if ".indexer." not in n)  # the KL reaches only the indexer
+
+    model.zero_grad(set_to_none=True)
+    model.set_dsa_stage("sparse")
+    model.set_indexer_loss_weight(0.5)
+    out = model(ids, labels=ids)
+    out.loss.backward(retain_graph=True)
+    lm_grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(lm_grads[n] is None for n in lm_grads if ".indexer." in n)  # LM loss never trains the indexer
+    model.zero_grad(set_to_none=True)
+    out.aux_loss.backward()
+    kl_grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert kl_grads and all(".indexer." in n for n in kl_grads)  # the KL never trains the model
+    assert out.metrics["dsa/layer1/recall"] < 1
+
+
+def test_set_dsa_stage_errors():
+    model = tiny_model(["attention"])
+    with pytest.raises(ValueError, match="needs DSA layers"):
+        model.set_dsa_stage("sparse")
+    with pytest.raises(ValueError, match="dense_warmup"):
+        tiny_model(["dsa"]).set_dsa_stage("warm")
+
+
+def test_bad_token_ids_and_lengths_give_clear_errors():
+    model = tiny_model(["attention"])
+    with pytest.raises(ValueError, match=r"token id 97 is outside the vocabulary \[0, 97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings = 256"):
+        model(torch.zeros(1, 257, dtype=torch.long))
+    # packed documents may together exceed it: positions restart with every document
+    model(torch.zeros(1, 300, dtype=torch.long), cu_seqlens=torch.tensor([0, 150, 300]))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(torch.zeros(1, 250, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(ValueError, match=r"input_ids must be \[1, T\]"):
+        model(torch.zeros(2, 4, dtype=torch.long), cu_seqlens=torch.tensor([0, 4]))
+
+
+def test_generate_greedy_matches_argmax_of_full_forward_and_samples_reproducibly():
+    model = tiny_model(["gated_deltanet", "dsa", "attention"], torch.float64)
+    prompt = torch.randint(0, 97, (2, 5))
+    out = model.generate(prompt, max_new_tokens=12)
+    assert out.shape == (2, 17) and torch.equal(out[:, :5], prompt)
+    with torch.no_grad():
+        logits = model(out).logits
+    torch.testing.assert_close(logits[:, 4:-1].argmax(-1), out[:, 5:], rtol=0, atol=0)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+    a = model.generate(prompt, generator=torch.Generator().manual_seed(1), **kw)
+    b = model.generate(prompt, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b)
+
+
+def test_save_load_round_trip(tmp_path):
+    for tied in (False, True):
+        model = tiny_model(["gated_deltanet", "dsa"], tie_word_embeddings=tied)
+        hybrid_lm.save_model(model, tmp_path / str(tied))
+        loaded = hybrid_lm.load_model(tmp_path / str(tied))
+        ids = torch.randint(0, 97, (1, 20))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        assert (loaded.lm_head.weight is loaded.embed_tokens.weight) == tied
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        hybrid_lm.load_model(tmp_path / "none")
+    with pytest.raises(ValueError, match="neither"):
+        hybrid_lm.load_model(tmp_path)
+    model = tiny_model(["attention"])
+    hybrid_lm.save_model(model, tmp_path / "m")
+    data = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "m" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        hybrid_lm.load_model(tmp_path / "m")
+
+
+def test_parameter_count_and_flops():
+    cfg = tiny_config(["attention", "gated_deltanet"])
+    model = hybrid_lm.build_model(cfg)
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert model.flops_per_token(1024) > model.flops_per_token(128) > 2 * (model.num_parameters() - 97 * 32) - 1
+
+
+def test_output_hidden_states():
+    model = tiny_model(["attention", "gated_deltanet"])
+    out = model(torch.randint(0, 97, (1, 6)), output_hidden_states=True)
+    assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (1, 6, 32)
