@@ -1,0 +1,46 @@
+"""Triton kernels for DeepSeek Sparse Attention (arXiv 2512.02556), registered as ``"triton"`` backends.
+
+- ``lightning_indexer_topk``: chunked index scores + radix top-k (``indexer_topk.py``);
+- ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``).
+
+Importing this package imports no triton and queries no device: the kernel modules load on first use, and the
+backends report themselves available only for CUDA tensors with triton importable. Shapes follow the ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..backends import has_triton, register_backend
+
+__all__ = ["TRITON_PRIORITY"]
+
+# above "reference" (0) and "sdpa"-like torch paths (50): the kernels win under backend="auto" on CUDA
+TRITON_PRIORITY = 100
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def _indexer_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in _HALF + (torch.float32,) and has_triton()
+
+
+def _sparse_available(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cuda" and dtype in _HALF and has_triton()
+
+
+def _indexer_topk(q_idx, k_idx, weights, topk, *, cu_seqlens=None):
+    from .indexer_topk import indexer_topk_triton
+
+    return indexer_topk_triton(q_idx, k_idx, weights, topk, cu_seqlens=cu_seqlens)
+
+
+def _sparse_attention(q, k, v, indices, *, scale, cu_seqlens=None, return_lse=False):
+    from .sparse_attention import sparse_attention_triton
+
+    return sparse_attention_triton(q, k, v, indices, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+
+
+register_backend("lightning_indexer_topk", "triton", _indexer_topk, available=_indexer_available,
+                 priority=TRITON_PRIORITY, requires="a CUDA device and triton")
+register_backend("sparse_attention", "triton", _sparse_attention, available=_sparse_available,
+                 priority=TRITON_PRIORITY, requires="a CUDA device, triton and bf16/fp16 inputs")

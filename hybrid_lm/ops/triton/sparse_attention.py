@@ -1,0 +1,234 @@
+"""Triton kernels for index-sparse attention (the attention half of DeepSeek Sparse Attention, arXiv 2512.02556).
+
+One program handles one query token and one key/value head: the ``G = HQ // HKV`` query heads that share that
+head form the M dimension of every matrix product, so each gathered key/value row is read once for all of them
+(V3.2's MQA trick; ``G`` is padded to 16, the smallest tensor-core tile). The forward runs an online softmax over
+the token's ``K`` indices in blocks and saves the natural-log log-sum-exp. The backward recomputes the
+probabilities from it, keeps dq in registers and scatters dk/dv into fp32 buffers with atomic adds (a gathered
+row may be selected by many queries).
+
+Shapes (fla's layout): q ``[B, Tq, HQ, D]``, k ``[B, Tk, HKV, D]``, v ``[B, Tk, HKV, DV]``, indices ``[B, Tq, K]``
+(positions into k/v, or offsets within the query's document with ``cu_seqlens``; ``-1`` = empty), o
+``[B, Tq, HQ, DV]``, lse ``[B, Tq, HQ]`` fp32. Index entries outside ``[0, Tk)`` are treated as empty.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _gather_rows(idx_ptr, k0, K, doc_start, Tk, BLOCK_K: tl.constexpr):
+    """Absolute key positions [BLOCK_K] of one index block and their validity."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    idx = tl.load(idx_ptr + offs, mask=offs < K, other=-1).to(tl.int32)
+    pos = idx + doc_start
+    valid = (idx >= 0) & (pos < Tk)
+    return tl.where(valid, pos, 0), valid
+
+
+@triton.jit
+def _sparse_fwd_kernel(
+    Q, K_, V, IDX, DOC, O, LSE,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, so_b, so_t, so_h, sl_b, sl_t,
+    HKV, Tk, NK, qk_scale,
+    G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b, hk = (bh // HKV).to(tl.int64), bh % HKV
+    heads = hk * G + tl.arange(0, BLOCK_H)
+    hmask = tl.arange(0, BLOCK_H) < G
+    dq, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq[None, :],
+                mask=hmask[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_H, BLOCK_D]
+    doc_start = 0
+    if HAS_DOC:
+        doc_start = tl.load(DOC + t)
+    k_base = K_ + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    idx_ptr = IDX + b * si_b + t * si_t
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    for k0 in range(0, NK, BLOCK_K):
+        pos, valid = _gather_rows(idx_ptr, k0, NK, doc_start, Tk, BLOCK_K)
+        kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sk_t + dq[None, :],
+                     mask=valid[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+        s = tl.dot(q, tl.trans(kt)) * qk_scale  # [BLOCK_H, BLOCK_K], log2 domain
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a block with no valid key leaves m at -inf; shifting by 0 then keeps exp2 finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + pos.to(tl.int64)[:, None] * sv_t + dv[None, :],
+                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_K, BLOCK_DV]
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        m_i = m_new
+    has_keys = l_i > 0
+    o = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + b * so_b + t * so_t + heads[:, None] * so_h + dv[None, :], o.to(O.dtype.element_ty),
+             mask=hmask[:, None] & (dv[None, :] < DV))
+    tl.store(LSE + b * sl_b + t * sl_t + heads, lse, mask=hmask)
+
+
+@triton.jit
+def _sparse_bwd_kernel(
+    Q, K_, V, IDX, DOC, DO, LSE, DELTA, DQ, DK, DV_,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, so_b, so_t, so_h, sl_b, sl_t,
+    sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
+    HKV, Tk, NK, scale,
+    G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DOC: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    bh = tl.program_id(1)
+    b, hk = (bh // HKV).to(tl.int64), bh % HKV
+    heads = hk * G + tl.arange(0, BLOCK_H)
+    hmask = tl.arange(0, BLOCK_H) < G
+    dq_r, dv_r = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    qmask = hmask[:, None] & (dq_r[None, :] < D)
+    q = tl.load(Q + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq_r[None, :], mask=qmask, other=0.0)
+    do = tl.load(DO + b * so_b + t * so_t + heads[:, None] * so_h + dv_r[None, :],
+                 mask=hmask[:, None] & (dv_r[None, :] < DV), other=0.0)  # [BLOCK_H, BLOCK_DV]
+    lse2 = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hmask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + b * sl_b + t * sl_t + heads, mask=hmask, other=0.0)
+    doc_start = 0
+    if HAS_DOC:
+        doc_start = tl.load(DOC + t)
+    k_base = K_ + b * sk_b + hk * sk_h
+    v_base = V + b * sv_b + hk * sv_h
+    dk_base = DK + b * sdk_b + hk * sdk_h
+    dv_base = DV_ + b * sdv_b + hk * sdv_h
+    idx_ptr = IDX + b * si_b + t * si_t
+    dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for k0 in range(0, NK, BLOCK_K):
+        pos, valid = _gather_rows(idx_ptr, k0, NK, doc_start, Tk, BLOCK_K)
+        rows = pos.to(tl.int64)[:, None]
+        kmask = valid[:, None] & (dq_r[None, :] < D)
+        vmask = valid[:, None] & (dv_r[None, :] < DV)
+        kt = tl.load(k_base + rows * sk_t + dq_r[None, :], mask=kmask, other=0.0)  # [BLOCK_K, BLOCK_D]
+        vt = tl.load(v_base + rows * sv_t + dv_r[None, :], mask=vmask, other=0.0)  # [BLOCK_K, BLOCK_DV]
+        s = tl.dot(q, tl.trans(kt)) * (scale * LOG2E)
+        p = tl.where(valid[None, :] & hmask[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_H, BLOCK_K]
+        dp = tl.dot(do, tl.trans(vt))
+        ds = p * (dp - delta[:, None])  # d loss / d (scaled logit)
+        dq += tl.dot(ds.to(kt.dtype), kt)
+        dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do)  # [BLOCK_K, BLOCK_DV]
+        dk_blk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale  # [BLOCK_K, BLOCK_D]
+        tl.atomic_add(dv_base + rows * sdv_t + dv_r[None, :], dv_blk, mask=vmask, sem="relaxed")
+        tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk, mask=kmask, sem="relaxed")
+    tl.store(DQ + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq_r[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=qmask)
+
+
+def _config(G: int, D: int, DV: int, block_k: int) -> dict:
+    block_h = max(16, triton.next_power_of_2(G))
+    block_d, block_dv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    # wider heads (MLA's 576) shrink the key block so the gathered tiles still fit in registers
+    block_k = max(16, block_k * 128 // max(128, block_d, block_dv))
+    return dict(G=G, BLOCK_H=block_h, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_K=block_k)
+
+
+# (BLOCK_K, num_warps, num_stages) at 16 heads x 128 dims: the largest blocks ptxas fits with no spills on sm_90
+FWD_CONFIG = (64, 8, 2)
+BWD_CONFIG = (32, 8, 1)
+
+
+def _doc_starts(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
+    """Start position [T] (int32) of each token's document, computed on device (no host sync)."""
+    if cu_seqlens is None:
+        return None
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    t = torch.arange(T, device=device)
+    doc = torch.searchsorted(cu[1:], t, right=True).clamp_(max=cu.numel() - 2)
+    return cu[doc].to(torch.int32)
+
+
+def _strides3(x):
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None):
+    """Forward kernel launch: returns o [B, Tq, HQ, DV] (q's dtype) and lse [B, Tq, HQ] fp32."""
+    B, Tq, HQ, D = q.shape
+    Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
+    NK = indices.shape[2]
+    o = torch.empty(B, Tq, HQ, DV, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Tq, HQ, device=q.device, dtype=torch.float32)
+    if B * Tq == 0:
+        return o, lse
+    block_k, num_warps, num_stages = config or FWD_CONFIG
+    cfg = _config(HQ // HKV, D, DV, block_k)
+    grid = (Tq, B * HKV)
+    _sparse_fwd_kernel[grid](
+        q, k, v, indices, doc if doc is not None else indices, o, lse,
+        *_strides3(q), *_strides3(k), *_strides3(v), indices.stride(0), indices.stride(1), *_strides3(o),
+        lse.stride(0), lse.stride(1),
+        HKV, Tk, NK, scale * 1.4426950408889634, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages, **cfg,
+    )
+    return o, lse
+
+
+def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=None):
+    """Backward kernel launch: returns dq, dk, dv in the dtypes of q, k, v."""
+    B, Tq, HQ, D = q.shape
+    Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
+    NK = indices.shape[2]
+    do = do.contiguous()
+    delta = (o.float() * do.float()).sum(-1)  # [B, Tq, HQ]
+    if dlse is not None:
+        # lse depends on the logits through softmax too: its gradient folds into delta
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
+    dv = torch.zeros(B, Tk, HKV, DV, device=q.device, dtype=torch.float32)
+    if B * Tq > 0:
+        block_k, num_warps, num_stages = config or BWD_CONFIG
+        cfg = _config(HQ // HKV, D, DV, block_k)
+        _sparse_bwd_kernel[(Tq, B * HKV)](
+            q, k, v, indices, doc if doc is not None else indices, do, lse, delta, dq, dk, dv,
+            *_strides3(q), *_strides3(k), *_strides3(v), indices.stride(0), indices.stride(1), *_strides3(do),
+            lse.stride(0), lse.stride(1), *_strides3(dk), *_strides3(dv),
+            HKV, Tk, NK, scale, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages, **cfg,
+        )
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class SparseAttentionFunction(torch.autograd.Function):
+    """o, lse = sparse attention of q over the indexed rows of k, v; differentiable in q, k, v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, indices, doc, scale):
+        o, lse = sparse_attention_fwd(q, k, v, indices, doc, scale)
+        ctx.save_for_backward(q, k, v, indices, doc, o, lse)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(indices)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, indices, doc, o, lse = ctx.saved_tensors
+        dq, dk, dv = sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def sparse_attention_triton(q, k, v, indices, *, scale, cu_seqlens=None, return_lse=False):
+    """Backend entry point with the op's signature (minus ``backend``); returns ``(o, lse)``."""
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"sparse_attention[triton]: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    indices = indices.to(torch.int32).contiguous()
+    doc = _doc_starts(cu_seqlens, q.shape[1], q.device)
+    o, lse = SparseAttentionFunction.apply(q, k, v, indices, doc, float(scale))
+    return o, lse
