@@ -1,6 +1,7 @@
 """Triton kernels for DeepSeek Sparse Attention (arXiv 2512.02556), registered as ``"triton"`` backends.
 
-- ``lightning_indexer_topk``: chunked index scores + radix top-k (``indexer_topk.py``);
+- ``lightning_indexer_topk``: chunked index-score kernel, then torch.topk or a radix-select kernel
+  (``indexer_topk.py``);
 - ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``).
 
 Importing this package imports no triton and queries no device: the kernel modules load on first use, and the

@@ -1,0 +1,92 @@
+"""Question: how fast is the Triton sparse attention (DSA's attention half, arXiv 2512.02556), forward and backward?
+
+Effective FLOPs (the issue's definition): forward 4 * T * topk * HQ * D, backward 2.5x that. Random distinct
+causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, topk 2048, bf16. Sweeps a few
+(BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
+Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forward).
+
+    python benchmarks/bench_sparse_attention.py [--T 16384 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import bench_ms, guarded, print_table, random_causal_indices, row, save
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from hybrid_lm import ops
+from hybrid_lm.ops.triton import sparse_attention as sa
+
+HQ, D, TOPK = 16, 128, 2048
+FWD_CONFIGS = [(32, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3)]
+BWD_CONFIGS = [(32, 8, 2), (32, 8, 1), (16, 4, 1)]
+
+
+def inputs(T, hkv, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, T, HQ, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, T, hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    v = torch.randn(1, T, hkv, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    return q, k, v, random_causal_indices(T, TOPK, seed=seed).int().contiguous()
+
+
+def check(rows, T=4096):
+    for hkv in (1, 4):
+        q, k, v, idx = inputs(T, hkv, seed=1)
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = ops.sparse_attention(*leaves, idx, backend="triton")
+        refs = [x.float().requires_grad_() for x in (q, k, v)]
+        ro = ops.sparse_attention(*refs, idx, backend="reference")
+        do = torch.randn_like(ro)
+        (o.float() * do).sum().backward()
+        (ro * do).sum().backward()
+        err = lambda a, b: ((a.double() - b.double()).norm() / b.double().norm()).item()
+        errs = {"o": err(o, ro), **{f"d{n}": err(a.grad, b.grad) for n, a, b in zip("qkv", leaves, refs)}}
+        print(f"check T={T} hkv={hkv}: " + ", ".join(f"{n} {e:.1e}" for n, e in errs.items()))
+        rows.append(row("sparse_attention_check", "triton", T, hkv=hkv, **{f"rel_err_{n}": e for n, e in errs.items()}))
+
+
+def run(T, hkv, rows):
+    q, k, v, idx = inputs(T, hkv)
+    scale = D ** -0.5
+    flops = 4.0 * T * TOPK * HQ * D
+    best_fwd = None
+    for cfg in FWD_CONFIGS:
+        ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale, config=cfg))
+        rows.append(row("sparse_attention_fwd", f"triton{cfg}", T, fwd_ms=ms, tflops=flops / ms / 1e9, hkv=hkv))
+        best_fwd = ms if best_fwd is None else min(best_fwd, ms)
+    o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
+    do = torch.randn_like(o)
+    for cfg in BWD_CONFIGS:
+        ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale, config=cfg))
+        rows.append(row("sparse_attention_bwd", f"triton{cfg}", T, fwdbwd_ms=best_fwd + ms,
+                        tflops=3.5 * flops / (best_fwd + ms) / 1e9, hkv=hkv, bwd_ms=ms))
+    torch.cuda.empty_cache()
+
+
+def dense_baseline(T, rows):
+    q, k, v = (torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ms = bench_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    rows.append(row("dense_attention_fwd", "cudnn-sdpa", T, fwd_ms=ms, tflops=2.0 * T * T * HQ * D / ms / 1e9))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
+    args = ap.parse_args()
+    rows = []
+    guarded(rows, "sparse_attention_check", lambda: check(rows))
+    for T in args.T:
+        guarded(rows, "dense_attention_fwd", lambda: dense_baseline(T, rows))
+        for hkv in (1, 4):
+            guarded(rows, "sparse_attention", lambda: run(T, hkv, rows))
+    save(rows, "sparse_attention")
+    print_table([r for r in rows if r["op"] != "sparse_attention_check"], cols=("op", "impl", "T", "hkv", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Question: is the indexer's radix top-k faster than torch.topk on the same scores (DSA, arXiv 2512.02556)?
+
+Scores: the Triton index-score kernel's output for the last R query rows of a T-token sequence (4 index heads x
+64, bf16 inputs, fp32 scores), i.e. the longest rows. torch.topk gets the same rows with future keys set to
+-inf; both return the topk = 2048 best keys sorted by score. Also times the score kernel alone and the whole
+Triton indexer top-k against the chunked PyTorch reference on the GPU.
+
+    python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import bench_ms, guarded, print_table, row, save
+
+from hybrid_lm.ops.indexer import _topk_reference
+from hybrid_lm.ops.triton import indexer_topk as it
+
+HI, DI, TOPK = 4, 64, 2048
+
+
+def inputs(T, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(1, T, HI, DI, device="cuda", generator=g, dtype=torch.bfloat16)
+    k = torch.randn(1, T, DI, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(1, T, HI, device="cuda", generator=g)
+    return q, k, w
+
+
+def selection(T, R, rows):
+    q, k, w = inputs(T)
+    lo, hi = it._visible_range(T, T, None, q.device)
+    t0, t1 = T - R, T
+    scores = torch.empty(1, R, T, device="cuda", dtype=torch.float32)
+    ms_scores = bench_ms(lambda: it.indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores))
+    index_flops = 2.0 * HI * DI * R * (T - R / 2)
+    rows.append(row("index_scores", "triton", T, fwd_ms=ms_scores, tflops=index_flops / ms_scores / 1e9, rows=R))
+    future = torch.arange(T, device="cuda")[None, :] >= hi[t0:t1, None]
+    masked = scores.masked_fill(future[None], float("-inf"))
+    ref = torch.topk(masked, TOPK, dim=-1).values
+    for bits in (8, 11):
+        out = torch.empty(1, T, TOPK, device="cuda", dtype=torch.int64)
+        ms = bench_ms(lambda: it.radix_topk_chunk(scores, lo, hi, t0, t1, out, TOPK, digit_bits=bits))
+        err = (masked.gather(-1, out[:, t0:t1]) - ref).abs().max().item()
+        print(f"T={T}: radix ({bits}-bit digits) vs torch.topk values max abs diff {err:.2e}")
+        rows.append(row("topk_selection", f"triton-radix{bits}(sorted)", T, fwd_ms=ms, rows=R, max_abs_diff=err))
+    for impl, srt in (("torch.topk(sorted)", True), ("torch.topk(unsorted)", False)):
+        ms = bench_ms(lambda: torch.topk(masked, TOPK, dim=-1, sorted=srt))
+        rows.append(row("topk_selection", impl, T, fwd_ms=ms, rows=R))
+
+
+def whole(T, rows):
+    q, k, w = inputs(T)
+    for select in ("torch", "radix") if T <= 16384 else ("torch",):
+        torch.cuda.reset_peak_memory_stats()
+        ms = bench_ms(lambda: it.indexer_topk_triton(q, k, w, TOPK, select=select))
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        rows.append(row("indexer_topk", f"triton-scores+{select}", T, fwd_ms=ms, tflops=HI * DI * T * T / ms / 1e9,
+                        peak_mem_gb=mem))
+    if T <= 16384:
+        ms_ref = bench_ms(lambda: _topk_reference(q, k, w, TOPK), warmup=5, rep=30)
+        rows.append(row("indexer_topk", "reference(torch, GPU)", T, fwd_ms=ms_ref))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--rows", type=int, default=4096)
+    args = ap.parse_args()
+    rows = []
+    for T in args.T:
+        guarded(rows, "topk_selection", lambda: selection(T, min(args.rows, T), rows))
+        torch.cuda.empty_cache()
+        guarded(rows, "indexer_topk", lambda: whole(T, rows))
+        torch.cuda.empty_cache()
+    save(rows, "topk")
+    print_table(rows, cols=("op", "impl", "T", "rows", "fwd_ms", "tflops"))
+
+
+if __name__ == "__main__":
+    main()
