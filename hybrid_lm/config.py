@@ -9,6 +9,9 @@ tiled over `num_hidden_layers`; code only ever sees the expanded `layer_types`. 
     mixers:
       dsa: {index_topk: 256}
       local: {type: attention, sliding_window: 512}   # usable as `local` in the pattern
+
+An optional `moe:` section makes the feed-forward of every layer from `first_k_dense_replace` on a mixture of experts
+(`layers/moe.py`); without it every layer keeps the dense SwiGLU of `intermediate_size`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,76 @@ import yaml
 
 from .registry import MixerConfig, get_mixer, mixer_names
 from .utils.typed import from_dict, to_dict
+
+MOE_SCORING = ("softmax", "sigmoid")
+MOE_BALANCING = ("aux_loss", "bias", "none")
+MOE_BACKENDS = ("auto", "reference", "grouped_mm")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts settings (names from Hugging Face's Qwen3-Next / DeepSeek-V3 configs).
+
+    Routing: `scoring_func` turns router logits into scores; each token takes its `num_experts_per_tok` best experts
+    (within the `topk_group` best of `n_group` expert groups when `n_group > 1`); the mixture weights are the chosen
+    scores, renormalised to sum to one if `norm_topk_prob`, times `routed_scaling_factor`. Balancing: `aux_loss`
+    adds `aux_loss_coef * (E / K) * sum_e f_e P_e` per layer (1.0 x coef when perfectly balanced); `bias` is
+    DeepSeek-V3's auxiliary-loss-free balancing, a per-expert selection bias moved by `bias_update_rate` after each
+    optimizer step (`HybridLM.update_moe_balance()`).
+    """
+
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # default: the model's intermediate_size // num_experts_per_tok
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None  # default: moe_intermediate_size * num_shared_experts
+    shared_expert_gate: bool = False  # Qwen3-Next's per-token sigmoid gate on the shared expert's output
+    scoring_func: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    balancing: str = "aux_loss"
+    aux_loss_coef: float = 0.001
+    bias_update_rate: float = 0.001
+    first_k_dense_replace: int = 0  # layers before this index keep the dense SwiGLU
+    backend: str = "auto"
+
+    def validate(self, model: "ModelConfig", where: str) -> None:
+        def bad(key, why):
+            raise ValueError(f"{where}.{key} = {getattr(self, key)!r}: {why}")
+
+        for key in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                bad(key, "must be a positive integer")
+        for key in ("num_shared_experts", "shared_expert_intermediate_size", "first_k_dense_replace"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
+        if self.num_experts_per_tok > self.num_experts:
+            bad("num_experts_per_tok", f"must be <= num_experts = {self.num_experts}")
+        if self.num_experts % self.n_group:
+            bad("n_group", f"must divide num_experts = {self.num_experts}")
+        if self.topk_group > self.n_group:
+            bad("topk_group", f"must be <= n_group = {self.n_group}")
+        if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+            bad("num_experts_per_tok", f"exceeds the {self.topk_group * (self.num_experts // self.n_group)} "
+                                       f"experts of the topk_group = {self.topk_group} groups a token may use")
+        if (self.num_shared_experts == 0) != (self.shared_expert_intermediate_size == 0):
+            bad("shared_expert_intermediate_size", f"must be 0 exactly when num_shared_experts = "
+                                                   f"{self.num_shared_experts} is 0")
+        if self.shared_expert_gate and not self.num_shared_experts:
+            bad("shared_expert_gate", "needs a shared expert (num_shared_experts >= 1)")
+        if self.first_k_dense_replace >= model.num_hidden_layers:
+            bad("first_k_dense_replace", f"leaves no MoE layer among the {model.num_hidden_layers} layers; "
+                                         f"remove the 'moe' section for a dense model")
+        for key, choices in (("scoring_func", MOE_SCORING), ("balancing", MOE_BALANCING), ("backend", MOE_BACKENDS)):
+            if getattr(self, key) not in choices:
+                bad(key, f"choose one of {list(choices)}")
+        if self.routed_scaling_factor <= 0:
+            bad("routed_scaling_factor", "must be > 0")
+        for key in ("aux_loss_coef", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                bad(key, "must be >= 0")
 
 
 @dataclass
@@ -41,6 +114,7 @@ class ModelConfig:
     name: str = ""
     mixers: dict[str, MixerConfig] = field(default_factory=dict)
     mixer_aliases: dict[str, str] = field(default_factory=dict)
+    moe: MoEConfig | None = None
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -50,6 +124,15 @@ class ModelConfig:
         if self.intermediate_size is None:
             # SwiGLU's 8/3 expansion rounded up to a multiple of 64
             self.intermediate_size = -(-int(8 * self.hidden_size / 3) // 64) * 64
+        moe = self.moe
+        if moe is not None and moe.moe_intermediate_size is None and isinstance(self.intermediate_size, int):
+            moe.moe_intermediate_size = max(1, self.intermediate_size // max(1, moe.num_experts_per_tok))
+        if moe is not None and moe.shared_expert_intermediate_size is None and moe.moe_intermediate_size:
+            moe.shared_expert_intermediate_size = moe.moe_intermediate_size * moe.num_shared_experts
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` has a mixture-of-experts feed-forward (else the dense SwiGLU)."""
+        return self.moe is not None and layer_idx >= self.moe.first_k_dense_replace
 
     def mixer_type(self, layer_type: str) -> str:
         """The registered mixer behind a layer type (itself, or what an alias points to)."""
@@ -103,6 +186,8 @@ def config_from_dict(data: dict, where: str = "<dict>") -> ModelConfig:
     raw["layer_types"] = _expand_layers(raw, where)
     mixers, aliases = _parse_mixers(raw.pop("mixers", None), where)
     raw.pop("mixer_aliases", None)
+    if isinstance(raw.get("moe"), dict):  # parsed here so an error names the exact `moe.<key>`
+        raw["moe"] = from_dict(MoEConfig, raw["moe"], where, prefix="moe.")
     cfg = from_dict(ModelConfig, raw, where)
     cfg.mixers, cfg.mixer_aliases = mixers, aliases
     for layer_type in dict.fromkeys(cfg.layer_types):  # defaults for mixers used without a section
@@ -133,6 +218,8 @@ def validate_config(cfg: ModelConfig, where: str = "<config>") -> None:
             bad(f"layer_types[{i}]", layer_type, f"unknown mixer; valid choices: {', '.join(valid)}")
     for name, mixer_cfg in cfg.mixers.items():
         mixer_cfg.validate(cfg, f"{where}: mixers.{name}")
+    if cfg.moe is not None:
+        cfg.moe.validate(cfg, f"{where}: moe")
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -173,5 +260,5 @@ def config_replace(cfg: ModelConfig, **changes) -> ModelConfig:
     return config_from_dict(data, "<config_replace>")
 
 
-__all__ = ["ModelConfig", "load_config", "save_config", "config_from_dict", "config_to_dict", "config_replace",
-           "validate_config"]
+__all__ = ["ModelConfig", "MoEConfig", "load_config", "save_config", "config_from_dict", "config_to_dict",
+           "config_replace", "validate_config"]

@@ -88,6 +88,12 @@ def register_mixer(name: str, *, config: type = MixerConfig, overwrite: bool = F
     return wrap
 
 
+def unregister_mixer(name: str) -> None:
+    """Remove a mixer registered with `register_mixer` (e.g. at the end of a test)."""
+    if _MIXERS.pop(name, None) is None:
+        raise ValueError(f"mixer {name!r} is not registered; registered mixers: {', '.join(sorted(_MIXERS))}")
+
+
 def get_mixer(name: str) -> MixerSpec:
     _ensure_builtins()
     if name not in _MIXERS:

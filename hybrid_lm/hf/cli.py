@@ -1,6 +1,7 @@
 """The `hybrid-lm export` and `hybrid-lm import` subcommands (registered in `hybrid_lm/cli.py`).
 
     hybrid-lm export RUN_OR_CKPT OUT_DIR [--max-shard-size SIZE] [--dtype auto|float32|bfloat16|float16]
+                     [--format hybrid_lm|deepseek_v32]
     hybrid-lm import HF_DIR OUT
 """
 
@@ -21,11 +22,21 @@ def add_export_parser(subparsers) -> None:
                    help="split the weights into shards of at most SIZE (e.g. 5GB, 500MB, 2GiB; default 5GB)")
     p.add_argument("--dtype", default="auto", help=f"weight dtype: {', '.join(DTYPE_CHOICES)} (default: auto, "
                                                    f"the checkpoint's own)")
+    p.add_argument("--format", default="hybrid_lm", choices=("hybrid_lm", "deepseek_v32"),
+                   help="hybrid_lm (remote code, any model; default) or deepseek_v32 (transformers' own "
+                        "DeepseekV32ForCausalLM, for models whose config maps; one safetensors file)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from .export import export_hf
+    from .export import export_hf, parse_dtype
+
+    if args.format == "deepseek_v32":
+        from ..convert_deepseek_v32 import export_deepseek_v32
+
+        out = export_deepseek_v32(args.path, args.out_dir, dtype=parse_dtype(args.dtype))
+        print(f"exported to {out}; load it with:\n  DeepseekV32ForCausalLM.from_pretrained({str(out)!r})")
+        return 0
 
     out = export_hf(args.path, args.out_dir, max_shard_size=args.max_shard_size, dtype=args.dtype)
     print(f"exported to {out}; load it with:\n"

@@ -1,8 +1,10 @@
-"""Dense causal multi-head attention with grouped KV heads (GQA, Ainslie et al. 2023) and RoPE.
+"""Dense causal multi-head attention with grouped KV heads (GQA, Ainslie et al. 2023) and RoPE, or with DeepSeek's
+multi-head latent attention (MLA, `mla.py`) as its core when `kv_lora_rank` is set.
 
 Options cover the attention variants of the models people compare against: QK-norm (Qwen3), qkv bias (Qwen2),
-a per-head sigmoid output gate (Qwen3-Next's gated attention), partial rotary dims (Qwen3-Next), and a sliding
-window (Mistral). Shapes: `x [B, T, C]`, heads `[B, T, H, D]` (fla's layout), `HQ` query and `HKV` key/value heads.
+a per-head sigmoid output gate (Qwen3-Next's gated attention), partial rotary dims (Qwen3-Next), a sliding
+window (Mistral), and MLA's low-rank query/key/value latents (DeepSeek-V2/V3/V3.2). Shapes: `x [B, T, C]`, heads
+`[B, T, H, D]` (fla's layout), `HQ` query and `HKV` key/value heads, `DK`/`DV` query-key and value head dims.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import nn
 
 from .. import ops
 from ..registry import Mixer, MixerConfig, register_mixer
+from .mla import AttentionInputs, MLAMixin, validate_mla
 from .norm import RMSNorm
 from .rope import apply_rope
 from .sequence import GrowingBuffer, SequenceInfo
@@ -29,12 +32,22 @@ class AttentionConfig(MixerConfig):
     sliding_window: int | None = None
     partial_rotary_factor: float = 1.0
     backend: str = "auto"
+    # multi-head latent attention (DeepSeek's names); kv_lora_rank null = plain GQA over num_key_value_heads.
+    # With MLA the model's head_dim / num_key_value_heads do not apply: keys are qk_nope + qk_rope dims, values
+    # v_head_dim, one expanded key/value per query head.
+    q_lora_rank: int | None = None  # null: a full-rank q_proj
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False  # DeepSeek checkpoints rotate interleaved pairs
 
     def validate(self, model, where):
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"{where}.sliding_window = {self.sliding_window}: must be >= 1 (or null for none)")
+        validate_mla(self, where)
         rot = int(model.head_dim * self.partial_rotary_factor)
-        if not 0 < self.partial_rotary_factor <= 1 or rot % 2:
+        if self.kv_lora_rank is None and (not 0 < self.partial_rotary_factor <= 1 or rot % 2):
             raise ValueError(f"{where}.partial_rotary_factor = {self.partial_rotary_factor}: must be in (0, 1] and "
                              f"give an even number of rotary dims of head_dim = {model.head_dim}")
         if self.backend not in ATTENTION_BACKENDS:
@@ -42,17 +55,26 @@ class AttentionConfig(MixerConfig):
 
 
 @register_mixer("attention", config=AttentionConfig)
-class Attention(Mixer):
+class Attention(MLAMixin, Mixer):
     cache_kind = "kv"
 
     def __init__(self, config, layer_idx: int, mixer_config: AttentionConfig):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = config.head_dim
         self.rope_theta = config.rope_theta
-        self.rotary_dim = int(self.head_dim * mixer_config.partial_rotary_factor)
         self.settings = mixer_config
+        self.mla = mixer_config.kv_lora_rank is not None
+        if self.mla:
+            self._init_mla(config, mixer_config)
+            self.num_kv_heads = self.num_heads  # the latent expands into one key/value per query head
+        else:
+            self._init_gqa(config, mixer_config)
+        self.scale = self.qk_head_dim ** -0.5
+
+    def _init_gqa(self, config, mixer_config: AttentionConfig) -> None:
+        self.head_dim = self.qk_head_dim = self.v_head_dim = config.head_dim
+        self.rotary_dim = int(self.head_dim * mixer_config.partial_rotary_factor)
         C, H, HKV, D = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         bias = mixer_config.attention_bias
         # with an output gate, q_proj emits [query | gate] per head, as in Qwen3-Next
@@ -64,8 +86,16 @@ class Attention(Mixer):
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
 
+    def qkv(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None = None) -> AttentionInputs:
+        """Queries for this step's tokens and keys/values of every token so far (appended to `cache` if given)."""
+        if self.mla:
+            return self._mla_inputs(x, seq, cache)
+        q, k, v, gate = self.project(x, seq)
+        k, v = self.extend_kv(k, v, cache)
+        return AttentionInputs(q, k, v, gate)
+
     def project(self, x: torch.Tensor, seq: SequenceInfo):
-        """q `[B, T, HQ, D]`, k/v `[B, T, HKV, D]` with RoPE applied, and the output gate (or None)."""
+        """GQA: q `[B, T, HQ, D]`, k/v `[B, T, HKV, D]` with RoPE applied, and the output gate (or None)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, -1)
         gate = None
@@ -78,10 +108,12 @@ class Attention(Mixer):
         cos, sin = seq.rope(self.rotary_dim, self.rope_theta)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, gate
 
-    def finish(self, o: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        """Gate (if any) and project the heads `[B, T, HQ, D]` back to `[B, T, C]`."""
-        if gate is not None:
-            o = o * torch.sigmoid(gate)
+    def finish(self, o: torch.Tensor, inputs: AttentionInputs) -> torch.Tensor:
+        """Up-project (absorbed MLA), gate (if any) and project the heads `[B, T, HQ, DV]` back to `[B, T, C]`."""
+        if inputs.absorbed:
+            o = self._mla_values(o)
+        if inputs.gate is not None:
+            o = o * torch.sigmoid(inputs.gate)
         return self.o_proj(o.flatten(2))
 
     @staticmethod
@@ -94,14 +126,13 @@ class Attention(Mixer):
         return cache["k"].append(k), cache["v"].append(v)
 
     def forward(self, x, seq, cache=None):
-        q, k, v, gate = self.project(x, seq)
-        k, v = self.extend_kv(k, v, cache)
-        o = ops.attention(q, k, v, causal=True, window=self.settings.sliding_window, cu_seqlens=seq.cu_seqlens,
-                          backend=self.settings.backend)
-        return self.finish(o, gate)
+        a = self.qkv(x, seq, cache)
+        o = ops.attention(a.q, a.k, a.v, causal=True, scale=self.scale, window=self.settings.sliding_window,
+                          cu_seqlens=seq.cu_seqlens, backend=self.settings.backend)
+        return self.finish(o, a)
 
     def flops_per_token(self, context_len: int) -> float:
         # q.k and p.v for the average causal context (T/2), or the window
         ctx = context_len / 2 if self.settings.sliding_window is None else min(self.settings.sliding_window,
                                                                                context_len / 2)
-        return 4.0 * ctx * self.num_heads * self.head_dim
+        return 2.0 * ctx * self.num_heads * (self.qk_head_dim + self.v_head_dim)

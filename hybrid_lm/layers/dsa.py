@@ -1,5 +1,6 @@
 """DeepSeek Sparse Attention (DeepSeek-V3.2, arXiv 2512.02556): the lightning indexer picks `index_topk` keys per
-query token and the (GQA/MQA) attention attends only to them, one index set shared by every head.
+query token and the (GQA/MQA or MLA) attention attends only to them, one index set shared by every head. On an MLA
+core (`kv_lora_rank` set) the index query comes from MLA's query latent, as in V3.2, and decoding caches the latent.
 
 Training stages (set by `HybridLM.set_dsa_stage`):
 - "none": inference behaviour. While every query sees at most `index_topk` keys, DSA equals dense attention and
@@ -9,7 +10,7 @@ Training stages (set by `HybridLM.set_dsa_stage`):
 - "sparse": top-k selection on; the indexer learns the KL restricted to the selected keys from detached inputs, so
   the indexer learns only from the KL and the model only from the LM loss.
 
-Shapes: `x [B, T, C]`, heads `[B, T, H, D]`, `indices [B, T, K]`.
+Shapes: `x [B, T, C]`, heads `[B, T, H, D]`, `indices [B, T, K]`; `a` is the attention's `AttentionInputs`.
 """
 
 from __future__ import annotations
@@ -62,50 +63,56 @@ class DeepSeekSparseAttention(Attention):
     def __init__(self, config, layer_idx: int, mixer_config: DSAConfig):
         super().__init__(config, layer_idx, mixer_config)
         self.topk = mixer_config.index_topk
+        q_input = mixer_config.q_lora_rank if self.mla else None  # V3.2 indexes from the query latent
         self.indexer = LightningIndexer(config.hidden_size, mixer_config.index_n_heads, mixer_config.index_head_dim,
-                                        mixer_config.rope_dim, config.rope_theta,
+                                        mixer_config.rope_dim, config.rope_theta, q_input_size=q_input,
                                         backend=mixer_config.indexer_backend)
         self.dsa_stage = "none"
         self.indexer_loss_weight = 1.0
-        self.scale = self.head_dim ** -0.5
 
     def forward(self, x, seq, cache=None):
-        q, k, v, gate = self.project(x, seq)
-        k, v = self.extend_kv(k, v, cache)
+        a = self.qkv(x, seq, cache)
         if self.dsa_stage == "dense_warmup":
-            o = self._dense(q, k, v, seq)
-            self._warmup_loss(x, q, k, seq)
-        elif self.dsa_stage == "sparse" or k.shape[1] > self.topk:
-            o = self._sparse(x, q, k, v, seq, cache)
-            return self.finish(o, gate)
+            o = self._dense(a, seq)
+            self._warmup_loss(x, a, seq)
+        elif self.dsa_stage == "sparse" or a.k.shape[1] > self.topk:
+            return self.finish(self._sparse(x, a, seq, cache), a)
         else:
-            o = self._dense(q, k, v, seq)
+            o = self._dense(a, seq)
         if cache is not None:  # keep the index-key cache in step for later sparse decoding
-            self.indexer(x, seq, cache)
-        return self.finish(o, gate)
+            self.indexer(x, seq, cache, q_input=a.q_latent)
+        return self.finish(o, a)
 
-    def _dense(self, q, k, v, seq):
-        return ops.attention(q, k, v, causal=True, cu_seqlens=seq.cu_seqlens, backend=self.settings.backend)
+    def _dense(self, a, seq):
+        return ops.attention(a.q, a.k, a.v, causal=True, scale=self.scale, cu_seqlens=seq.cu_seqlens,
+                             backend=self.settings.backend)
 
-    def _sparse(self, x, q, k, v, seq, cache):
+    def _index(self, x, a, seq, cache=None, detach=False):
+        """The indexer's queries, keys and weights; `detach` cuts its inputs off the main graph."""
+        q_latent = a.q_latent
+        if detach:
+            x, q_latent = x.detach(), q_latent.detach() if q_latent is not None else None
+        return self.indexer(x, seq, cache, q_input=q_latent)
+
+    def _sparse(self, x, a, seq, cache):
+        # in the sparse stage the indexer sees detached inputs: it learns from its KL only
         training_indexer = self.dsa_stage == "sparse" and torch.is_grad_enabled()
-        # in the sparse stage the indexer sees a detached input: it learns from its KL only
-        q_idx, k_idx, w = self.indexer(x.detach() if training_indexer else x, seq, cache)
+        q_idx, k_idx, w = self._index(x, a, seq, cache, detach=training_indexer)
         indices = self.indexer.select(q_idx, k_idx, w, self.topk, seq)
-        o, lse = ops.sparse_attention(q, k, v, indices, scale=self.scale, cu_seqlens=seq.cu_seqlens,
+        o, lse = ops.sparse_attention(a.q, a.k, a.v, indices, scale=self.scale, cu_seqlens=seq.cu_seqlens,
                                       return_lse=True, backend=self.settings.sparse_backend)
         if self.dsa_stage == "sparse":
-            kl = ops.indexer_kl_sparse(q.detach(), k.detach(), q_idx, k_idx, w, indices, scale=self.scale,
+            kl = ops.indexer_kl_sparse(a.q.detach(), a.k.detach(), q_idx, k_idx, w, indices, scale=self.scale,
                                        cu_seqlens=seq.cu_seqlens, attn_lse=lse.detach())
-            self._report(seq, kl, self.indexer_loss_weight, q, k, indices)
+            self._report(seq, kl, self.indexer_loss_weight, a.q, a.k, indices)
         return o
 
-    def _warmup_loss(self, x, q, k, seq):
-        q_idx, k_idx, w = self.indexer(x.detach(), seq)
-        kl = ops.indexer_kl_dense(q.detach(), k.detach(), q_idx, k_idx, w, scale=self.scale,
+    def _warmup_loss(self, x, a, seq):
+        q_idx, k_idx, w = self._index(x, a, seq, detach=True)
+        kl = ops.indexer_kl_dense(a.q.detach(), a.k.detach(), q_idx, k_idx, w, scale=self.scale,
                                   cu_seqlens=seq.cu_seqlens)
         indices = self.indexer.select(q_idx, k_idx, w, self.topk, seq)
-        self._report(seq, kl, 1.0, q, k, indices)
+        self._report(seq, kl, 1.0, a.q, a.k, indices)
 
     def _report(self, seq, kl, weight, q, k, indices):
         seq.aux_losses.append(weight * kl)
@@ -117,4 +124,5 @@ class DeepSeekSparseAttention(Attention):
 
     def flops_per_token(self, context_len: int) -> float:
         ctx = min(self.topk, context_len / 2)
-        return 4.0 * ctx * self.num_heads * self.head_dim + self.indexer.flops_per_token(context_len)
+        attention = 2.0 * ctx * self.num_heads * (self.qk_head_dim + self.v_head_dim)
+        return attention + self.indexer.flops_per_token(context_len)

@@ -25,13 +25,15 @@ class LightningIndexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.rope_dim, self.rope_theta = n_heads, head_dim, rope_dim, rope_theta
         self.backend = backend
-        # V3.2 takes the index query from the MLA query latent; without MLA it comes from the hidden state
+        # V3.2 takes the index query from the MLA query latent (its checkpoints call this `wq_b`; the DeepSeek-V3.2
+        # converter renames it); without a query latent it comes from the hidden state
         self.wq = nn.Linear(q_input_size or hidden_size, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
 
-    def forward(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None = None, q_input: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None = None,
+                q_input: torch.Tensor | None = None):
         """Index queries, all index keys so far (cached ones included) and fp32 head weights."""
         B, T, _ = x.shape
         cos, sin = seq.rope(self.rope_dim, self.rope_theta)

@@ -14,5 +14,5 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq=None) -> torch.Tensor:  # `seq`: the block's, used by MoE only
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,12 +1,14 @@
 """The one generic block: `x + mixer(norm(x))`, then `x + mlp(norm(x))` (pre-norm, as in Llama and Qwen3-Next).
-The mixer comes from the registry by the layer's type; the block never branches on it. Shapes: `x [B, T, C]`."""
+The mixer comes from the registry by the layer's type; the block never branches on it. The feed-forward is the dense
+SwiGLU, or from `moe.first_k_dense_replace` on a mixture of experts; both take `(x, seq)` so MoE can report its
+balancing loss. Shapes: `x [B, T, C]`."""
 
 from __future__ import annotations
 
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import RMSNorm, SwiGLU
+from ..layers import MoE, RMSNorm, SwiGLU
 from ..registry import get_mixer
 
 
@@ -19,8 +21,11 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = spec.cls(config, layer_idx, config.mixer_config(layer_type))
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config, layer_idx)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, seq, cache=None):
         x = x + self.mixer(self.input_layernorm(x), seq, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), seq)

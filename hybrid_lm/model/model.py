@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, validate_config
-from ..layers import DSA_STAGES, DeepSeekSparseAttention, RMSNorm, SequenceInfo
+from ..layers import DSA_STAGES, DeepSeekSparseAttention, MoE, RMSNorm, SequenceInfo
 from .block import Block
 from .cache import Cache
 from .generation import generate
@@ -145,6 +145,14 @@ class HybridLM(nn.Module):
     def indexer_parameters(self):
         return (p for n, p in self.named_parameters() if ".indexer." in n)
 
+    # ----------------------------------------------------------------------------------------------- MoE
+    def update_moe_balance(self) -> None:
+        """Call after each optimizer step: moves the expert-selection biases of MoE layers with `balancing: bias`
+        (DeepSeek-V3's auxiliary-loss-free balancing) from the loads seen since the last call; no-op otherwise."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.update_balance()
+
     # ----------------------------------------------------------------------------------------------- misc
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}
@@ -155,8 +163,10 @@ class HybridLM(nn.Module):
 
     def flops_per_token(self, context_len: int) -> float:
         """Forward FLOPs per token: 2 per matmul weight (embedding lookup excluded) plus each mixer's
-        context-dependent part at the given context length (averaged over causal positions)."""
+        context-dependent part at the given context length (averaged over causal positions); MoE layers count only
+        the experts a token uses."""
         matmul = self.num_parameters() - self.embed_tokens.weight.numel()
+        matmul -= sum(m.inactive_parameters() for m in self.modules() if isinstance(m, MoE))
         if self.config.tie_word_embeddings:
             matmul += self.lm_head.weight.numel()
         return 2.0 * matmul + sum(layer.mixer.flops_per_token(context_len) for layer in self.layers)

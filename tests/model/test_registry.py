@@ -8,6 +8,7 @@ from torch import nn
 
 import hybrid_lm
 from hybrid_lm import Mixer, MixerConfig, register_mixer
+from hybrid_lm.registry import unregister_mixer
 
 from .helpers import tiny_config
 
@@ -21,7 +22,6 @@ class TokenShiftConfig(MixerConfig):
             raise ValueError(f"{where}.mix = {self.mix}: must be in [0, 1]")
 
 
-@register_mixer("token_shift_test", config=TokenShiftConfig)
 class TokenShift(Mixer):
     """Mixes each token with the previous one (RWKV's token shift): causal, with a one-token decoding state."""
 
@@ -39,6 +39,14 @@ class TokenShift(Mixer):
         if seq.cu_seqlens is not None:
             prev[:, seq.cu_seqlens[:-1].long()] = 0
         return self.proj(self.mix * x + (1 - self.mix) * prev)
+
+
+@pytest.fixture(autouse=True)
+def token_shift_registered():
+    # registered as a user would, from their own module; removed afterwards so other tests see the built-ins only
+    register_mixer("token_shift_test", config=TokenShiftConfig)(TokenShift)
+    yield
+    unregister_mixer("token_shift_test")
 
 
 def test_user_mixer_builds_trains_and_decodes():
@@ -67,3 +75,5 @@ def test_registering_a_taken_name_fails():
         register_mixer("attention")(TokenShift)
     with pytest.raises(ValueError, match="MixerConfig"):
         register_mixer("x_test", config=dict)
+    with pytest.raises(ValueError, match="not registered"):
+        unregister_mixer("x_test")
