@@ -1,0 +1,54 @@
+"""The dense -> DSA path of train/README.md in miniature: pretrain dense, convert, dense warm-up, sparse training;
+plus continuing a saved model with `init_from` and `model_overrides`."""
+
+import pytest
+import torch
+
+import hybrid_lm
+from hybrid_lm.convert import convert_checkpoint
+from hybrid_lm.training import Trainer, load_train_config, train
+
+DENSE = {"name": "tiny-dense", "layer_types": ["attention"] * 4}
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_dense_to_dsa_path(write_config, tmp_path):
+    dense = train(load_train_config(write_config("dense", dsa_stage="none", model_overrides=DENSE, max_steps=3)))
+    converted = convert_checkpoint(dense.run_dir, tmp_path / "converted", dsa_layers="all", index_n_heads=2,
+                                   index_head_dim=8, index_topk=8)
+    assert (converted / "tokenizer.json").is_file()
+
+    warm_cfg = write_config("warmup", model=None, init_from=str(converted), dsa_stage="dense_warmup", max_steps=3,
+                            optim={"lr": 1e-3, "min_lr": 1e-3, "schedule": "constant"})
+    trainer = Trainer(load_train_config(warm_cfg))
+    assert trainer.raw.config.layer_types == ["dsa"] * 4
+    assert trainer.cfg.data.tokenizer == str(converted / "tokenizer.json")  # the model's own vocabulary
+    start = _params(trainer.raw)
+    for name, p in hybrid_lm.load_model(dense.run_dir).named_parameters():
+        assert torch.equal(start[name], p.detach())  # init_from starts from the converted weights
+    warm = trainer.fit()
+    moved = {n for n, p in trainer.raw.named_parameters() if not torch.equal(start[n], p.detach())}
+    assert moved == {n for n in start if ".indexer." in n}
+
+    sparse = train(load_train_config(write_config("sparse", model=None, init_from=str(warm.run_dir),
+                                                  dsa_stage="sparse", max_steps=2)))
+    assert sparse.status == "done" and all(v == v for v in sparse.losses.values())
+    assert hybrid_lm.load_model(sparse.run_dir).config.layer_types == ["dsa"] * 4
+
+
+def test_init_from_with_model_overrides(write_config):
+    base = train(load_train_config(write_config("base", max_steps=2, sample_tokens=0)))
+    cfg = load_train_config(write_config("more", model=None, init_from=str(base.run_dir), max_steps=1,
+                                         model_overrides={"mixers": {"dsa": {"index_topk": 4}}}))
+    trainer = Trainer(cfg)
+    assert trainer.raw.config.mixers["dsa"].index_topk == 4
+    before = hybrid_lm.load_model(base.run_dir)
+    for (name, p), (_, q) in zip(trainer.raw.named_parameters(), before.named_parameters()):
+        assert torch.equal(p.detach(), q.detach()), name
+    bad = load_train_config(write_config("bad", model=None, init_from=str(base.run_dir),
+                                         model_overrides={"hidden_size": 48}))
+    with pytest.raises(ValueError, match="hybrid-lm convert"):
+        Trainer(bad)
