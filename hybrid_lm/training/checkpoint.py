@@ -15,7 +15,6 @@ leaves a half checkpoint under a valid name; the manifest catches files damaged 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -24,15 +23,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from hybrid_lm.model.io import CHECKPOINTS_SUBDIR
+from hybrid_lm.model.io import CHECKPOINTS_SUBDIR, checkpoint_dirs
 from hybrid_lm.utils.files import fsync_dir, fsync_tree, verify_manifest, write_manifest
 
 __all__ = ["CHECKPOINTS_SUBDIR", "step_dir_name", "list_checkpoints", "verify", "find_latest_valid",
            "write_checkpoint", "prune_checkpoints", "capture_rng_state", "restore_rng_state",
            "load_trainer_state", "load_optimizer_state"]
-
-_STEP_RE = re.compile(r"^step_(\d{8,})$")
-
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
@@ -40,11 +36,7 @@ def step_dir_name(step: int) -> str:
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Completed (renamed) checkpoint folders of a run, oldest first; temp folders are ignored."""
-    root = Path(run_dir) / CHECKPOINTS_SUBDIR
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return checkpoint_dirs(run_dir)
 
 
 def verify(ckpt_dir: str | os.PathLike) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistInfo", "setup_distributed", "teardown_distributed", "wrap_model", "all_reduce_sum",
-           "gather_objects", "barrier", "unwrap"]
+           "gather_objects", "barrier"]
 
 
 @dataclass
@@ -79,12 +79,6 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The HybridLM inside a DDP or torch.compile wrapper (FSDP2 shards in place, so it is already the model)."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
 
 
 def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
