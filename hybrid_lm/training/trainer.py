@@ -239,6 +239,7 @@ class Trainer:
             return None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self.raw.update_moe_balance()  # bias-based MoE balancing; a no-op without such layers
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss, "lm_loss": lm_loss, "aux_loss": aux_loss, "lr": lr, "grad_norm": grad_norm,
@@ -248,9 +249,8 @@ class Trainer:
         """What the stage optimises (tensors or floats)."""
         if self.cfg.dsa_stage == "dense_warmup":
             return aux_loss
-        if self.cfg.dsa_stage == "sparse":
-            return lm_loss + aux_loss
-        return lm_loss
+        # "sparse": indexer KL (+ MoE balance loss); "none": aux holds only the MoE balance loss, if any
+        return lm_loss + aux_loss
 
     def _grad_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
