@@ -4,7 +4,8 @@ Per layer, batch 1, 16 heads x 128, bf16, causal, T in {4k, 16k, 64k, 128k}:
 - dense attention: flash-attn-4 (if installed) and cuDNN SDPA (the baselines, same run);
 - DSA (arXiv 2512.02556): Triton indexer top-k (4 index heads x 64, topk 2048, no gradient) + Triton sparse
   attention, 1 and 4 KV heads; forward + backward differentiates the sparse attention (the indexer's own KL loss
-  is not included);
+  is not included); `dsa_train` adds the sparse stage's indexer KL (Triton, forward + backward into the
+  indexer's q/k/weights), i.e. everything a DSA layer's attention does in a sparse-stage training step;
 - Gated DeltaNet: fla's chunk_gated_delta_rule (q/k L2-normalised in the kernel).
 TFLOPS: dense counts the causal half (2 T^2 H D forward), DSA the issue's 4 T topk H D; backward = 2.5x forward.
 
@@ -81,6 +82,19 @@ def dsa(T, hkv, rows):
     rows.append(row("dsa_indexer_topk", "triton", T, fwd_ms=ms, hkv=hkv))
     measure(rows, "dsa_sparse_attention", f"triton-hkv{hkv}", T, lambda: ops.sparse_attention(q, k, v, idx),
             lambda: ops.sparse_attention(q, k, v, idx).backward(do), flops, hkv=hkv)
+    qi, ki, wi = (x.detach().clone().requires_grad_() for x in (q_idx, k_idx, w))
+
+    def train_step():  # sparse stage: select, attend, and the indexer's KL on the selection, both backwards
+        sel = ops.lightning_indexer_topk(qi.detach(), ki.detach(), wi.detach(), TOPK)
+        o, lse = ops.sparse_attention(q, k, v, sel, return_lse=True)
+        kl = ops.indexer_kl_sparse(q, k, qi, ki, wi, sel, attn_lse=lse.detach())
+        return o, kl
+
+    def train_fwdbwd():
+        o, kl = train_step()
+        torch.autograd.backward([o, kl], [do, torch.ones_like(kl)])
+
+    measure(rows, "dsa_train", f"triton-hkv{hkv}", T, train_step, train_fwdbwd, flops, hkv=hkv)
 
 
 def gdn(T, rows):

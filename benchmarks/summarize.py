@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
-COLS = ("run", "impl", "T", "hkv", "rows", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "fwd_tflops", "peak_mem_gb",
-        "rel_err_o", "rel_err_dq", "rel_err_dk", "rel_err_dv", "max_abs_diff", "note")
+COLS = ("run", "impl", "T", "hkv", "rows", "B", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tokens_per_s", "tflops", "mfu",
+        "fwd_tflops", "peak_mem_gb", "rel_err_o", "rel_err_dq", "rel_err_dk", "rel_err_dv", "max_abs_diff", "note")
 
 
 def fmt(x):

@@ -64,13 +64,16 @@ class MixerSpec:
     name: str
     cls: type
     config_cls: type
+    requires: str | None = None  # what building it needs beyond torch ("fla and a CUDA GPU"); None: runs anywhere
 
 
 _MIXERS: dict[str, MixerSpec] = {}
 
 
-def register_mixer(name: str, *, config: type = MixerConfig, overwrite: bool = False) -> Callable[[type], type]:
-    """Class decorator that makes `name` usable in `layer_types`. `config` is a MixerConfig dataclass."""
+def register_mixer(name: str, *, config: type = MixerConfig, overwrite: bool = False,
+                   requires: str | None = None) -> Callable[[type], type]:
+    """Class decorator that makes `name` usable in `layer_types`. `config` is a MixerConfig dataclass; `requires`
+    says what building the mixer needs beyond torch (its name is known, and a YAML using it validates, without)."""
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"mixer name must be an identifier-like string, got {name!r}")
     if not (isinstance(config, type) and issubclass(config, MixerConfig)):
@@ -82,7 +85,7 @@ def register_mixer(name: str, *, config: type = MixerConfig, overwrite: bool = F
         if name in _MIXERS and not overwrite and _MIXERS[name].cls is not cls:
             raise ValueError(f"mixer {name!r} is already registered to {_MIXERS[name].cls.__qualname__}; "
                              f"pass overwrite=True to replace it")
-        _MIXERS[name] = MixerSpec(name, cls, config)
+        _MIXERS[name] = MixerSpec(name, cls, config, requires)
         return cls
 
     return wrap

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import load_config
 from .model import build_model
+from .registry import get_mixer, mixer_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 
@@ -57,4 +58,13 @@ def format_zoo(rows: list[dict], context_len: int) -> str:
     for r in rows:
         lines.append(f"{r['name']:<16} {r['params_m']:>8.1f}M {r['non_embedding_m']:>8.1f}M "
                      f"{r['gflops_per_token']:>16.3f}  {r['pattern']}")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + mixer_lines())
+
+
+def mixer_lines() -> list[str]:
+    """The registered mixers a pattern may use, grouped by what building them needs."""
+    groups: dict[str | None, list[str]] = {}
+    for name in mixer_names():
+        groups.setdefault(get_mixer(name).requires, []).append(name)
+    return [f"mixers{'' if needs is None else ' (need ' + needs + ')'}: {', '.join(names)}"
+            for needs, names in sorted(groups.items(), key=lambda kv: kv[0] is not None)]

@@ -1,6 +1,9 @@
 """nn.Modules: one mixer a file. Importing this package registers the built-in mixers:
-`attention` (attention.py), `dsa` (dsa.py), `gated_deltanet` (gated_deltanet.py). Feed-forwards: `SwiGLU` (mlp.py)
-and the mixture of experts `MoE` (moe.py)."""
+`attention` (attention.py), `dsa` (dsa.py), `gated_deltanet` (gated_deltanet.py), and fla's other layers as
+`fla_kda`, `fla_gla`, `fla_mamba2`, ... (fla_mixers.py; building those needs fla and a GPU). Feed-forwards: `SwiGLU`
+(mlp.py) and the mixture of experts `MoE` (moe.py)."""
+
+from . import fla_mixers  # noqa: F401  (registers the fla_* names; a module import, so HF exports leave it out)
 
 from .attention import Attention, AttentionConfig
 from .dsa import DSA_STAGES, DeepSeekSparseAttention, DSAConfig

@@ -118,6 +118,8 @@ class DeepSeekSparseAttention(Attention):
         seq.aux_losses.append(weight * kl)
         name = f"dsa/layer{self.layer_idx}"
         seq.metrics[f"{name}/kl"] = kl.detach()
+        if not seq.collect_metrics:
+            return
         with torch.no_grad():
             seq.metrics[f"{name}/recall"] = ops.attention_recall(q, k, indices, scale=self.scale,
                                                                  cu_seqlens=seq.cu_seqlens)

@@ -20,6 +20,7 @@ class SequenceInfo:
     offset: int = 0
     aux_losses: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    collect_metrics: bool = True  # False skips diagnostics that cost real time (DSA's dense attention recall)
     _rope: dict = field(default_factory=dict)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -99,8 +99,11 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: Cache | None = None,
-                output_hidden_states: bool = False) -> LMOutput:
+                output_hidden_states: bool = False, collect_metrics: bool = True) -> LMOutput:
+        """`collect_metrics=False` skips the per-layer diagnostics that cost time (DSA's attention recall is a
+        dense O(T^2) pass); auxiliary losses and their cheap metrics (the indexer KL) are always reported."""
         seq = self._sequence_info(input_ids, cu_seqlens, cache)
+        seq.collect_metrics = collect_metrics
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
         for i, layer in enumerate(self.layers):

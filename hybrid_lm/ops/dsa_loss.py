@@ -28,6 +28,8 @@ from bisect import bisect_right
 
 import torch
 
+from .backends import get_backend, register_backend, resolve_backend
+
 __all__ = ["indexer_kl_dense", "indexer_kl_sparse", "attention_recall"]
 
 
@@ -236,26 +238,31 @@ class _IndexerKL(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def indexer_kl_dense(q, k, q_idx, k_idx, weights, *, scale=None, cu_seqlens=None, block=256):
+def indexer_kl_dense(q, k, q_idx, k_idx, weights, *, scale=None, cu_seqlens=None, block=256, backend="auto"):
     """Stage-1 loss `mean_t KL(p[t,:] || softmax(I[t,:]))` over all visible keys.
 
     q [B,T,HQ,D], k [B,T,HKV,D] (no gradient); q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI] (trained;
-    any score scale already folded into weights). scale defaults to D**-0.5. Memory O(HI * T * block)."""
+    any score scale already folded into weights). scale defaults to D**-0.5. Memory O(HI * T * block) in the
+    reference (``block`` sets its query block); the Triton backend streams over keys in O(T) memory."""
     cu = _check_attention(q, k, cu_seqlens, block)
     _check_indexer(q, q_idx, k_idx, weights)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    loss = _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, None, None, scale, cu, block)
-    return loss
+    name = resolve_backend("indexer_kl_dense", backend, q.device, q.dtype, features={"device": q.device})
+    if name == "reference":
+        return _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, None, None, scale, cu, block)
+    return get_backend("indexer_kl_dense", name)(q.detach(), k.detach(), q_idx, k_idx, weights, scale=scale,
+                                                 cu_seqlens=cu_seqlens)
 
 
 def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_seqlens=None, attn_lse=None,
-                      block=256):
+                      block=256, backend="auto"):
     """Stage-2 loss `mean_t KL(p_S[t] || softmax_S(I[t]))` over each query's selected keys S_t.
 
     indices [B,T,K]: selected key positions (offsets within the document with cu_seqlens); -1 pads, and entries
     not visible to t (future keys, other documents) are ignored too. Rows should hold no duplicates (top-k gives
     none). p_S is the per-head attention softmax over S_t averaged over heads; attn_lse [B,T,HQ], the sparse
-    attention's natural-log sum of exp(scale * q.k) over S_t, skips recomputing it. Memory O(block * K * D)."""
+    attention's natural-log sum of exp(scale * q.k) over S_t, skips recomputing it (the Triton backend needs
+    it). Memory O(block * K * D) in the reference, O(T) in the Triton backend."""
     cu = _check_attention(q, k, cu_seqlens, block)
     _check_indexer(q, q_idx, k_idx, weights)
     _check_indices(q, indices)
@@ -263,8 +270,17 @@ def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_se
         raise ValueError(f"attn_lse must be [B, T, HQ] = {tuple(q.shape[:3])}, got {tuple(attn_lse.shape)}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     lse = None if attn_lse is None else attn_lse.detach()
-    loss = _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, indices, lse, scale, cu, block)
-    return loss
+    name = resolve_backend("indexer_kl_sparse", backend, q.device, q.dtype,
+                           features={"device": q.device, "attn_lse": lse is not None})
+    if name == "reference":
+        return _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, indices, lse, scale, cu, block)
+    return get_backend("indexer_kl_sparse", name)(q.detach(), k.detach(), q_idx, k_idx, weights, indices,
+                                                  scale=scale, cu_seqlens=cu_seqlens, attn_lse=lse)
+
+
+# the reference runs inline above (it needs the parsed cu_seqlens and `block`); registered so it can be named
+register_backend("indexer_kl_dense", "reference", None, priority=0)
+register_backend("indexer_kl_sparse", "reference", None, priority=0)
 
 
 @torch.no_grad()

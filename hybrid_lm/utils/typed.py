@@ -1,7 +1,10 @@
 """Strict conversion between plain dicts (parsed YAML) and typed dataclasses.
 
 Unknown keys, wrong types and missing required fields raise `ValueError` naming the file, the key and the value,
-and listing the valid keys. Used for model configs and training configs alike.
+and listing the valid keys. Used for model configs and training configs alike. A dataclass that passes settings
+through to code it does not know (fla's layers, `layers/fla_mixers.py`) may mark one `dict` field with
+`metadata={"extra_keys": True}`: unknown keys then land in that field (the owner validates them), and `to_dict`
+writes them back flat.
 """
 
 from __future__ import annotations
@@ -73,14 +76,20 @@ def _coerce(value: Any, tp: Any, where: str, key: str) -> Any:
     return value
 
 
+def _extra_keys_field(cls: type) -> str | None:
+    """The field collecting keys the dataclass does not name (see the module docstring), if it has one."""
+    return next((f.name for f in dataclasses.fields(cls) if f.metadata.get("extra_keys")), None)
+
+
 def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
     """Build dataclass `cls` from `data`, strictly."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    extra = _extra_keys_field(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and f.name != extra}
     unknown = [k for k in data if k not in fields]
-    if unknown:
+    if unknown and extra is None:
         raise ValueError(f"{where}: unknown key '{prefix}{unknown[0]}' = {data[unknown[0]]!r}; "
                          f"valid keys: {', '.join(sorted(fields))}")
     kwargs = {}
@@ -89,13 +98,17 @@ def from_dict(cls: type, data: dict, where: str, prefix: str = "") -> Any:
             kwargs[name] = _coerce(data[name], hints[name], where, prefix + name)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ValueError(f"{where}: missing required key '{prefix}{name}'")
+    if extra is not None:
+        kwargs[extra] = {k: data[k] for k in unknown}
     return cls(**kwargs)
 
 
 def to_dict(obj: Any) -> Any:
     """Dataclass -> plain dict (recursively), keeping field order."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        extra = _extra_keys_field(type(obj))
+        out = {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.name != extra}
+        return {**out, **to_dict(getattr(obj, extra))} if extra is not None else out
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -109,6 +109,10 @@ def test_dsa_training_stages_report_losses_and_route_gradients():
     kl_grads = {n for n, p in model.named_parameters() if p.grad is not None}
     assert kl_grads and all(".indexer." in n for n in kl_grads)  # the KL never trains the model
     assert out.metrics["dsa/layer1/recall"] < 1
+    # the dense recall diagnostic can be skipped (steps that log nothing); the loss and its KL metric stay
+    quiet = model(ids, labels=ids, collect_metrics=False)
+    assert set(quiet.metrics) == {"dsa/layer1/kl"}
+    torch.testing.assert_close(quiet.aux_loss, out.aux_loss)
 
 
 def test_set_dsa_stage_errors():

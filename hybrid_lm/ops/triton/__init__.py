@@ -2,7 +2,9 @@
 
 - ``lightning_indexer_topk``: chunked index-score kernel, then torch.topk or a radix-select kernel
   (``indexer_topk.py``);
-- ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``).
+- ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``);
+- ``indexer_kl_dense`` / ``indexer_kl_sparse``: the indexer's KL losses, forward and backward, streamed over the
+  keys without a [T, T] tensor (``indexer_kl.py``).
 
 Importing this package imports no triton and queries no device: the kernel modules load on first use, and the
 backends report themselves available only for CUDA tensors with triton importable. Shapes follow the ops.
@@ -45,3 +47,26 @@ register_backend("lightning_indexer_topk", "triton", _indexer_topk, available=_i
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton")
 register_backend("sparse_attention", "triton", _sparse_attention, available=_sparse_available,
                  priority=TRITON_PRIORITY, requires="a CUDA device, triton and bf16/fp16 inputs")
+
+
+def _kl_dense(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None):
+    from .indexer_kl import indexer_kl_dense_triton
+
+    return indexer_kl_dense_triton(q, k, q_idx, k_idx, weights, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def _kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None):
+    from .indexer_kl import indexer_kl_sparse_triton
+
+    return indexer_kl_sparse_triton(q, k, q_idx, k_idx, weights, indices, scale=scale, cu_seqlens=cu_seqlens,
+                                    attn_lse=attn_lse)
+
+
+def _needs_lse(features: dict) -> str | None:
+    return None if features.get("attn_lse", True) else "it needs attn_lse (the sparse attention's log-sum-exp)"
+
+
+register_backend("indexer_kl_dense", "triton", _kl_dense, available=_indexer_available,
+                 priority=TRITON_PRIORITY, requires="a CUDA device and triton")
+register_backend("indexer_kl_sparse", "triton", _kl_sparse, available=_indexer_available,
+                 priority=TRITON_PRIORITY, requires="a CUDA device and triton", supports=_needs_lse)
