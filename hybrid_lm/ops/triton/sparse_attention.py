@@ -139,10 +139,12 @@ def _config(G: int, D: int, DV: int, block_k: int) -> dict:
     return dict(G=G, BLOCK_H=block_h, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_K=block_k)
 
 
-# (BLOCK_K, num_warps, num_stages) at 16 heads x 128: the largest blocks ptxas fits with no spills on sm_90. A sweep
-# on an H100 (BENCHMARKS.md) found (32, 4, 2) / (32, 8, 2) up to 5% faster; these are the ones the GPU tests ran.
+# (BLOCK_K, num_warps, num_stages) at 16 heads x 128: the largest blocks ptxas fits with no spills on sm_90. Sweeps
+# on an H100 (BENCHMARKS.md): the forward's configs are within 5% of each other; the backward's (16, 4, 1) was
+# 10-15% faster than (32, 8, 1) at T = 65,536 with 1 and 4 KV heads (2026-12-06). Splitting the backward into two
+# sweeps (dv, then dq + dk) so each fp32 atomic target fits in L2 gained nothing measurable, so there is one.
 FWD_CONFIG = (64, 8, 2)
-BWD_CONFIG = (32, 8, 1)
+BWD_CONFIG = (16, 4, 1)
 
 
 def _doc_starts(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
