@@ -22,7 +22,6 @@ from common import bench_ms, guarded, peak_mem_gb, print_table, row, save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hybrid_lm import ops
-from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
 H, D, HI, DI, TOPK = 16, 128, 4, 64, 2048
 
@@ -66,30 +65,27 @@ def dense_fa4(T, rows):
     measure(rows, "dense_attention", "flash-attn-4", T, fwd, lambda: fwd().backward(do), 2.0 * T * T * H * D)
 
 
-def dsa(T, hkv, rows, select="torch"):
+def dsa(T, hkv, rows):
     q, k, v = randn(1, T, H, D), randn(1, T, hkv, D), randn(1, T, hkv, D)
     q_idx, k_idx = randn(1, T, HI, DI, grad=False), randn(1, T, DI, grad=False)
     w = torch.randn(1, T, HI, device="cuda")
     do = torch.randn_like(q)
 
-    def select_keys(qi, ki, wi):
-        return indexer_topk_triton(qi, ki, wi, TOPK, select=select)
-
     def fwd():
-        return ops.sparse_attention(q, k, v, select_keys(q_idx, k_idx, w), backend="triton")
+        idx = ops.lightning_indexer_topk(q_idx, k_idx, w, TOPK, backend="triton")
+        return ops.sparse_attention(q, k, v, idx, backend="triton")
 
     flops = 4.0 * T * TOPK * H * D
-    tag = f"triton-hkv{hkv}" + ("" if select == "torch" else f"-{select}")
-    measure(rows, "dsa", tag, T, fwd, lambda: fwd().backward(do), flops, hkv=hkv)
-    idx = select_keys(q_idx, k_idx, w)
-    ms = bench_ms(lambda: select_keys(q_idx, k_idx, w))
-    rows.append(row("dsa_indexer_topk", "triton" + ("" if select == "torch" else f"-{select}"), T, fwd_ms=ms, hkv=hkv))
+    measure(rows, "dsa", f"triton-hkv{hkv}", T, fwd, lambda: fwd().backward(do), flops, hkv=hkv)
+    idx = ops.lightning_indexer_topk(q_idx, k_idx, w, TOPK, backend="triton")
+    ms = bench_ms(lambda: ops.lightning_indexer_topk(q_idx, k_idx, w, TOPK, backend="triton"))
+    rows.append(row("dsa_indexer_topk", "triton", T, fwd_ms=ms, hkv=hkv))
     measure(rows, "dsa_sparse_attention", f"triton-hkv{hkv}", T, lambda: ops.sparse_attention(q, k, v, idx),
             lambda: ops.sparse_attention(q, k, v, idx).backward(do), flops, hkv=hkv)
     qi, ki, wi = (x.detach().clone().requires_grad_() for x in (q_idx, k_idx, w))
 
     def train_step():  # sparse stage: select, attend, and the indexer's KL on the selection, both backwards
-        sel = select_keys(qi.detach(), ki.detach(), wi.detach())
+        sel = ops.lightning_indexer_topk(qi.detach(), ki.detach(), wi.detach(), TOPK)
         o, lse = ops.sparse_attention(q, k, v, sel, return_lse=True)
         kl = ops.indexer_kl_sparse(q, k, qi, ki, wi, sel, attn_lse=lse.detach())
         return o, kl
@@ -98,7 +94,7 @@ def dsa(T, hkv, rows, select="torch"):
         o, kl = train_step()
         torch.autograd.backward([o, kl], [do, torch.ones_like(kl)])
 
-    measure(rows, "dsa_train", tag, T, train_step, train_fwdbwd, flops, hkv=hkv)
+    measure(rows, "dsa_train", f"triton-hkv{hkv}", T, train_step, train_fwdbwd, flops, hkv=hkv)
 
 
 def gdn(T, rows):
@@ -120,10 +116,10 @@ def summary(rows):
     get = {(r["op"], r["impl"], r["T"]): r for r in rows}
     for T in sorted({r["T"] for r in rows if r["T"]}):
         dense = get.get(("dense_attention", "flash-attn-4", T)) or get.get(("dense_attention", "cudnn-sdpa", T))
-        for hkv, tag in [(h, f"triton-hkv{h}{s}") for h in (1, 4) for s in ("", "-grouped")]:
-            d = get.get(("dsa", tag, T))
+        for hkv in (1, 4):
+            d = get.get(("dsa", f"triton-hkv{hkv}", T))
             if dense and d:
-                print(f"T={T} {tag}: DSA fwd+bwd {d['fwdbwd_ms']:.2f} ms vs dense ({dense['impl']}) "
+                print(f"T={T} hkv={hkv}: DSA fwd+bwd {d['fwdbwd_ms']:.2f} ms vs dense ({dense['impl']}) "
                       f"{dense['fwdbwd_ms']:.2f} ms -> {dense['fwdbwd_ms'] / d['fwdbwd_ms']:.2f}x (target 5x at 64k); "
                       f"fwd {dense['fwd_ms'] / d['fwd_ms']:.2f}x")
 
@@ -133,8 +129,6 @@ def main():
     ap.add_argument("--T", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--hkv", type=int, nargs="+", default=[1, 4], help="KV heads of the DSA rows")
-    ap.add_argument("--select", nargs="+", default=["torch"], choices=["torch", "grouped", "radix"],
-                    help="the indexer's top-k selection in the DSA rows")
     ap.add_argument("--name", default="layer", help="results file name under $OUT")
     args = ap.parse_args()
     rows = []
@@ -143,9 +137,8 @@ def main():
         if "fa4" not in args.skip:
             guarded(rows, "dense_attention", lambda: dense_fa4(T, rows))
         for hkv in args.hkv:
-            for select in args.select:
-                guarded(rows, "dsa", lambda: dsa(T, hkv, rows, select))
-                torch.cuda.empty_cache()
+            guarded(rows, "dsa", lambda: dsa(T, hkv, rows))
+            torch.cuda.empty_cache()
         if "gdn" not in args.skip:
             guarded(rows, "gated_deltanet", lambda: gdn(T, rows))
         torch.cuda.empty_cache()

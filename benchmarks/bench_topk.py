@@ -1,7 +1,6 @@
 """Question: is the indexer's radix top-k faster than torch.topk on the same scores (DSA, arXiv 2512.02556)?
 
-Also "grouped": torch.topk over the maxima of groups of g adjacent keys, then over the keys of the topk best
-groups (exact). Scores: the Triton index-score kernel's output for the last R query rows of a T-token sequence (4 index heads x
+Scores: the Triton index-score kernel's output for the last R query rows of a T-token sequence (4 index heads x
 64, bf16 inputs, fp32 scores), i.e. the longest rows. torch.topk gets the same rows with future keys set to
 -inf; both return the topk = 2048 best keys sorted by score. Also times the score kernel alone and the whole
 Triton indexer top-k against the chunked PyTorch reference on the GPU.
@@ -50,18 +49,11 @@ def selection(T, R, rows):
     for impl, srt in (("torch.topk(sorted)", True), ("torch.topk(unsorted)", False)):
         ms = bench_ms(lambda: torch.topk(masked, TOPK, dim=-1, sorted=srt))
         rows.append(row("topk_selection", impl, T, fwd_ms=ms, rows=R))
-    out = torch.empty(1, T, TOPK, device="cuda", dtype=torch.int64)
-    ms = bench_ms(lambda: it.grouped_topk_chunk(masked.clone(), lo, t0, t1, T, out, TOPK))
-    ms_clone = bench_ms(lambda: masked.clone())
-    err = (masked.gather(-1, out[:, t0:t1]) - ref).abs().max().item()
-    print(f"T={T}: grouped (g={it._group_size(T, TOPK)}) vs torch.topk values max abs diff {err:.2e}")
-    rows.append(row("topk_selection", f"grouped-g{it._group_size(T, TOPK)}(sorted)", T, fwd_ms=ms - ms_clone, rows=R,
-                    max_abs_diff=err))
 
 
 def whole(T, rows):
     q, k, w = inputs(T)
-    for select in ("torch", "grouped", "radix") if T <= 16384 else ("torch", "grouped"):
+    for select in ("torch", "radix") if T <= 16384 else ("torch",):
         torch.cuda.reset_peak_memory_stats()
         ms = bench_ms(lambda: it.indexer_topk_triton(q, k, w, TOPK, select=select))
         mem = torch.cuda.max_memory_allocated() / 2**30

@@ -170,34 +170,12 @@ def test_radix_select_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, se
     check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
 
 
-GROUPED_CASES = [
-    # rows long enough for groups of adjacent keys (g = 8, then g = 2 at V3.2's topk)
-    (1, 2048, 2048, 4, 64, 64, BF16, None),
-    (1, 1500, 1500, 4, 32, 24, torch.float32, [0, 7, 700, 1500]),
-    (1, 1024, 16384, 4, 64, 2048, BF16, None),
-]
-
-
-@pytest.mark.parametrize("B, Tq, Tk, HI, DI, topk, dtype, cu", GROUPED_CASES)
-def test_grouped_select_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu):
-    from hybrid_lm.ops.triton.indexer_topk import _group_size, indexer_topk_triton
-
-    assert _group_size(Tk, topk) > 1
-    gen = torch.Generator(device="cuda").manual_seed(Tq + topk)
-    q, k, w = make_index_inputs(B, Tq, Tk, HI, DI, dtype, gen)
-    cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
-    poison_allocator()
-    idx = indexer_topk_triton(q, k, w, topk, cu_seqlens=cu_t, select="grouped")
-    scores = ops.lightning_indexer_scores(q.float(), k.float(), w, cu_seqlens=cu_t)
-    check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
-
-
-@pytest.mark.parametrize("select", ["torch", "radix", "grouped"])
+@pytest.mark.parametrize("select", ["torch", "radix"])
 def test_indexer_topk_chunked_rows_and_ties(select):
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
     gen = torch.Generator(device="cuda").manual_seed(5)
-    B, T, topk = 2, 600, 200 if select != "grouped" else 16  # grouped: groups of 8 keys
+    B, T, topk = 2, 600, 200
     q, k, w = make_index_inputs(B, T, T, 4, 64, BF16, gen)
     k[:, 1::2] = 0  # half the keys score exactly 0: the k-th largest often sits inside a tie
     idx = indexer_topk_triton(q, k, w, topk, score_budget=B * T * 37, select=select)  # 37-row chunks

@@ -201,50 +201,14 @@ def torch_topk_chunk(scores, lo, t0, t1, key_end, out, topk):
     out[:, t0:t1, kk:] = -1
 
 
-MAX_GROUP = 16  # largest group of adjacent keys in grouped selection
-
-
-def _group_size(key_end: int, topk: int) -> int:
-    """Keys per group for grouped selection: a power of two <= MAX_GROUP leaving at least 4 * topk groups."""
-    g = 1
-    while 2 * g <= MAX_GROUP and key_end // (2 * g) >= 4 * topk:
-        g *= 2
-    return g
-
-
-def grouped_topk_chunk(scores, lo, t0, t1, key_end, out, topk):
-    """Same contract as torch_topk_chunk, in two smaller torch.topk calls, exact up to the order of ties.
-
-    Keys are cut into groups of g adjacent keys. At most topk groups hold a score above the k-th largest one, so
-    the topk groups with the largest maxima contain a full top-k; torch.topk runs over the key_end / g group
-    maxima, then over the topk * g scores of the chosen groups, instead of over all key_end scores."""
-    g = _group_size(key_end, topk)
-    if g == 1:
-        return torch_topk_chunk(scores, lo, t0, t1, key_end, out, topk)
-    B, c = scores.shape[0], t1 - t0
-    n = -(-key_end // g)
-    block = scores[:, :c, : n * g]  # the buffer is padded to a multiple of MAX_GROUP columns
-    block[..., key_end:].fill_(float("-inf"))
-    grouped = block.unflatten(-1, (n, g))  # [B, c, n, g]
-    gidx = torch.topk(grouped.amax(-1), topk, dim=-1, sorted=False).indices  # [B, c, topk]
-    cand = grouped.gather(2, gidx[..., None].expand(B, c, topk, g)).flatten(2)  # [B, c, topk * g]
-    vals, j = torch.topk(cand, topk, dim=-1, sorted=True)
-    idx = gidx.gather(2, j // g) * g + j % g - lo[t0:t1, None]
-    out[:, t0:t1] = idx.masked_fill_(vals == float("-inf"), -1)
-
-
-SELECTS = ("torch", "grouped", "radix", "radix11")
-
-
 def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_budget=None, select="torch"):
     """Backend entry point with the op's signature (minus ``backend``): int64 indices [B, Tq, topk].
 
-    ``select``: ``"torch"`` (torch.topk on the chunk's scores; the default, since it measured faster on an H100),
-    ``"grouped"`` (torch.topk over maxima of groups of adjacent keys, then over the best groups' keys),
+    ``select``: ``"torch"`` (torch.topk on the chunk's scores; the default, since it measured faster on an H100)
     or ``"radix"`` / ``"radix11"`` (the radix-select kernel with 8- or 11-bit digits).
     """
-    if select not in SELECTS:
-        raise ValueError(f"indexer_topk_triton: select must be one of {SELECTS}, got {select!r}")
+    if select not in ("torch", "radix", "radix11"):
+        raise ValueError(f"indexer_topk_triton: select must be 'torch', 'radix' or 'radix11', got {select!r}")
     B, Tq = q_idx.shape[:2]
     Tk = k_idx.shape[1]
     q = q_idx.contiguous()
@@ -256,13 +220,12 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
     lo, hi = _visible_range(Tq, Tk, cu_seqlens, q.device)
     budget = SCORE_BUDGET if score_budget is None else score_budget
     chunk = max(1, min(Tq, budget // max(1, B * Tk)))
-    scores = torch.empty(B, chunk, -(-Tk // MAX_GROUP) * MAX_GROUP, device=q.device, dtype=torch.float32)
+    scores = torch.empty(B, chunk, Tk, device=q.device, dtype=torch.float32)
     for t0 in range(0, Tq, chunk):
         t1 = min(Tq, t0 + chunk)
         indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores)
-        if select in ("torch", "grouped"):
-            pick = torch_topk_chunk if select == "torch" else grouped_topk_chunk
-            pick(scores, lo, t0, t1, Tk - Tq + t1, out, topk)
+        if select == "torch":
+            torch_topk_chunk(scores, lo, t0, t1, Tk - Tq + t1, out, topk)
         else:
             radix_topk_chunk(scores, lo, hi, t0, t1, out, topk, digit_bits=8 if select == "radix" else 11)
     return out
