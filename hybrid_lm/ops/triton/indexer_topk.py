@@ -32,7 +32,7 @@ INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
 
 @triton.jit
 def _index_scores_kernel(
-    Q, K_, W, S, LO, HI_, t0, t1, Tk,
+    Q, K_, W, S, LO, HI_, t0, t1, Tk, NCOLS,
     sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, ss_b, ss_r,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, PRECISION: tl.constexpr,
@@ -57,7 +57,7 @@ def _index_scores_kernel(
     for j in tl.static_range(N_TILES):
         n0 = (pid_n * N_TILES + j) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
-        smask = valid_row[:, None] & (cols[None, :] < Tk)
+        smask = valid_row[:, None] & (cols[None, :] < NCOLS)
         if (n0 < hi) & (n0 + BLOCK_N > lo):
             kt = tl.load(K_ + b * sk_b + cols.to(tl.int64)[:, None] * sk_t + d[None, :],
                          mask=(cols[:, None] < Tk) & (d[None, :] < DI), other=0.0)  # [BLOCK_N, BLOCK_DI]
@@ -167,7 +167,8 @@ def _visible_range(Tq: int, Tk: int, cu_seqlens, device):
 
 
 def indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores, block_m=32, block_n=128, n_tiles=4, num_warps=8):
-    """Fill scores[:, :t1 - t0, :] with the index scores of query rows t0:t1 (only their visible keys)."""
+    """Fill scores[:, :t1 - t0, :] with the index scores of query rows t0:t1 (only their visible keys); scores may
+    be narrower than Tk (the chunk's causal width), never wider."""
     B, _, HI, DI = q.shape
     Tk = k.shape[1]
     hi_p2 = triton.next_power_of_2(HI)
@@ -175,7 +176,7 @@ def indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores, block_m=32, block_n=12
     key_end = Tk - q.shape[1] + t1  # causal: the chunk sees no key past its last row
     grid = (triton.cdiv(t1 - t0, block_m), triton.cdiv(key_end, block_n * n_tiles), B)
     _index_scores_kernel[grid](
-        q, k, w, scores, lo, hi, t0, t1, Tk,
+        q, k, w, scores, lo, hi, t0, t1, Tk, scores.shape[-1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), scores.stride(0),
         scores.stride(1),
         HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
@@ -220,9 +221,11 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
     lo, hi = _visible_range(Tq, Tk, cu_seqlens, q.device)
     budget = SCORE_BUDGET if score_budget is None else score_budget
     chunk = max(1, min(Tq, budget // max(1, B * Tk)))
-    scores = torch.empty(B, chunk, Tk, device=q.device, dtype=torch.float32)
+    buf = torch.empty(B * chunk * Tk, device=q.device, dtype=torch.float32)
     for t0 in range(0, Tq, chunk):
         t1 = min(Tq, t0 + chunk)
+        # a contiguous [B, rows, causal width] block: torch.topk on a strided slice would copy it first
+        scores = buf[: B * (t1 - t0) * (Tk - Tq + t1)].view(B, t1 - t0, Tk - Tq + t1)
         indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores)
         if select == "torch":
             torch_topk_chunk(scores, lo, t0, t1, Tk - Tq + t1, out, topk)
