@@ -86,10 +86,12 @@ class Attention(MLAMixin, Mixer):
             self.q_norm = RMSNorm(D, config.rms_norm_eps)
             self.k_norm = RMSNorm(D, config.rms_norm_eps)
 
-    def qkv(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None = None) -> AttentionInputs:
-        """Queries for this step's tokens and keys/values of every token so far (appended to `cache` if given)."""
+    def qkv(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None = None,
+            absorb: bool = False) -> AttentionInputs:
+        """Queries for this step's tokens and keys/values of every token so far (appended to `cache` if given);
+        `absorb`: MLA's latent form (one shared key/value head), ignored without MLA."""
         if self.mla:
-            return self._mla_inputs(x, seq, cache)
+            return self._mla_inputs(x, seq, cache, absorb)
         q, k, v, gate = self.project(x, seq)
         k, v = self.extend_kv(k, v, cache)
         return AttentionInputs(q, k, v, gate)

@@ -71,11 +71,14 @@ class DeepSeekSparseAttention(Attention):
         self.indexer_loss_weight = 1.0
 
     def forward(self, x, seq, cache=None):
-        a = self.qkv(x, seq, cache)
+        keys = seq.offset + x.shape[1]  # keys visible to the last query (cached ones included)
+        sparse = self.dsa_stage == "sparse" or (self.dsa_stage == "none" and keys > self.topk)
+        # on MLA the sparse path attends in latent space (V3.2's MQA mode): one gathered row serves every head
+        a = self.qkv(x, seq, cache, absorb=sparse)
         if self.dsa_stage == "dense_warmup":
             o = self._dense(a, seq)
             self._warmup_loss(x, a, seq)
-        elif self.dsa_stage == "sparse" or a.k.shape[1] > self.topk:
+        elif sparse:
             return self.finish(self._sparse(x, a, seq, cache), a)
         else:
             o = self._dense(a, seq)

@@ -8,7 +8,8 @@ latent as well (`q_lora_rank`); with DSA that normalised query latent also feeds
 DeepSeek-V3.2. DeepSeek rotates its RoPE dims as interleaved pairs (`rope_interleave: true`, as its checkpoints
 expect); the indexer always uses the rotate-half layout.
 
-Training and prefill expand the latent into per-head keys `[nope | rope]` and values for the ordinary attention ops.
+Training and prefill expand the latent into per-head keys `[nope | rope]` and values for the ordinary attention ops
+(DSA's sparse attention excepted: it always takes the latent form below).
 Decoding caches only the latent and the rotated RoPE key (`kv_lora_rank + qk_rope_head_dim` numbers per token) and
 attends in the latent space: `kv_b_proj`'s key half is absorbed into the query and its value half applied after the
 attention, so the op sees one shared key/value head (MQA) and cached tokens are never expanded.
@@ -101,7 +102,10 @@ class MLAMixin:
         cos, sin = seq.rope(self.qk_rope_head_dim, self.rope_theta)
         return apply_rope(x, cos, sin)
 
-    def _mla_inputs(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None) -> AttentionInputs:
+    def _mla_inputs(self, x: torch.Tensor, seq: SequenceInfo, cache: dict | None,
+                    absorb: bool = False) -> AttentionInputs:
+        """`absorb` asks for the latent (MQA) form even without a cache: what index-sparse attention wants, since
+        one shared key/value row then serves every head (DeepSeek-V3.2's DSA)."""
         B, T, _ = x.shape
         H, nope, rope, R = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         q_latent = None
@@ -115,11 +119,12 @@ class MLAMixin:
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([R, rope], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B, T, R]
         k_rope = self._mla_rope(k_rope[:, :, None], seq)[:, :, 0]  # [B, T, rope]
-        absorbed = False
+        absorbed = absorb
         if cache is not None:
             # with tokens already cached this is decoding: attend in latent space rather than expand the cache
-            absorbed = "latent" in cache
-            if not absorbed:
+            if "latent" in cache:
+                absorbed = True
+            else:
                 cache["latent"], cache["k_rope"] = GrowingBuffer(), GrowingBuffer()
             latent, k_rope = cache["latent"].append(latent), cache["k_rope"].append(k_rope)  # [B, L, R], [B, L, rope]
         if absorbed:

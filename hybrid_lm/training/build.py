@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import hybrid_lm
+from hybrid_lm.zoo import find_config
 
 __all__ = ["seed_everything", "deterministic_algorithms", "build_training_model", "configure_dsa_stage",
            "autocast_context", "num_predictions"]
@@ -40,7 +41,7 @@ def deterministic_algorithms(device: torch.device):
 
 
 def _model_from_yaml(cfg, vocab_size: int) -> hybrid_lm.HybridLM:
-    model_cfg = hybrid_lm.load_config(cfg.model)
+    model_cfg = hybrid_lm.load_config(find_config(cfg.model))  # a YAML path or a zoo name
     overrides = dict(cfg.model_overrides)
     # the model YAML's vocab_size is a placeholder: a fresh model takes the tokenizer's
     overrides.setdefault("vocab_size", vocab_size)
@@ -89,9 +90,13 @@ def configure_dsa_stage(model: hybrid_lm.HybridLM, stage: str, indexer_loss_weig
     dense_warmup trains the indexers alone. In "none" the indexers get no gradient at all (top-k selection is not
     differentiable and no KL is computed), so they are frozen; DDP would otherwise wait for their gradients.
     """
+    indexer = {id(p) for p in model.indexer_parameters()}
+    if stage != "none" and not indexer:
+        raise ValueError(f"dsa_stage: {stage} needs DSA layers, but model {model.config.name or '?'} has none "
+                         f"(layer types {sorted(set(model.config.layer_types))}); set dsa_stage: none (or --set "
+                         "dsa_stage=none)")
     model.set_dsa_stage(stage)
     model.set_indexer_loss_weight(1.0 if stage == "dense_warmup" else indexer_loss_weight)
-    indexer = {id(p) for p in model.indexer_parameters()}
     for p in model.parameters():
         p.requires_grad_(id(p) in indexer if stage == "dense_warmup" else stage == "sparse" or id(p) not in indexer)
     if stage == "none" and indexer:

@@ -42,7 +42,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    model: str | None = None               # model YAML
+    model: str | None = None               # model YAML, or a zoo name (model_configs/<name>.yaml)
     init_from: str | None = None           # or: a saved model / checkpoint / run folder to continue training
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
@@ -54,6 +54,7 @@ class TrainConfig:
     dsa_stage: Literal["none", "dense_warmup", "sparse"] = "none"
     indexer_loss_weight: float = 0.01      # sparse stage only; dense_warmup optimises the KL alone
     eval_every: int = 250
+    eval_at_start: bool = False            # also evaluate (and sample) before the first step
     eval_batches: int = 8
     log_every: int = 10
     save_every: int = 500
@@ -125,9 +126,16 @@ def _resolve(value: str | None, base: Path) -> str | None:
     return str((base / value).resolve())
 
 
+def _is_zoo_name(value) -> bool:
+    """`model: deepseek-v32-tiny` names model_configs/deepseek-v32-tiny.yaml (see `hybrid-lm zoo`)."""
+    return isinstance(value, str) and bool(value) and not re.search(r"[/\\]|\.ya?ml$", value)
+
+
 def _resolve_paths(raw: dict, base: Path) -> dict:
     raw = copy.deepcopy(raw)
     for key in ("model", "init_from", "out_dir"):
+        if key == "model" and _is_zoo_name(raw.get(key)):
+            continue
         if isinstance(raw.get(key), str):
             raw[key] = _resolve(raw[key], base)
     data = raw.get("data")

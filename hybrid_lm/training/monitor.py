@@ -2,7 +2,8 @@
 
 Only rank 0 builds a Monitor. Records are JSON lines; a training line holds step, loss, lm_loss, aux_loss, lr,
 tokens, tokens_per_s, grad_norm and `metrics` (per-DSA-layer indexer KL / recall); an eval line holds step, tokens
-and eval_loss. When a run resumes, lines past the resumed step are dropped so the file tells one consistent story.
+and eval_loss. `loss.png` plots the losses and, for a run with DSA layers, `dsa.png` the indexer KL and recall.
+When a run resumes, lines past the resumed step are dropped so the file tells one consistent story.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import warnings
 from pathlib import Path
 
-__all__ = ["Monitor", "read_metrics", "plot_losses"]
+__all__ = ["Monitor", "read_metrics", "plot_losses", "plot_dsa", "dsa_series"]
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -30,11 +31,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_losses(records: list[dict], path: str | Path, reference: float | None = None, title: str = "") -> None:
     """Train LM loss and eval loss against step (PNG); `reference` draws the unigram entropy line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     train = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r and _finite(r["lm_loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -49,6 +46,71 @@ def plot_losses(records: list[dict], path: str | Path, reference: float | None =
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(plt, fig, path)
+
+
+def dsa_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """Per-layer DSA series from training records: {"layer<i>": {"kl": [(step, v)], "recall": [(step, v)]}}."""
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for r in records:
+        for key, value in r.get("metrics", {}).items():
+            parts = key.split("/")
+            if len(parts) == 3 and parts[0] == "dsa" and parts[2] in ("kl", "recall") and _finite(value):
+                series.setdefault(parts[1], {"kl": [], "recall": []})[parts[2]].append((r["step"], value))
+    return dict(sorted(series.items(), key=lambda kv: int(kv[0].removeprefix("layer") or 0)))
+
+
+def plot_dsa(stages: list[tuple[str, list[dict]]], path: str | Path, title: str = "") -> None:
+    """Indexer KL (log scale) and attention recall of every DSA layer against step (PNG).
+
+    `stages` are consecutive runs, e.g. [("dense warm-up", records), ("sparse", records)]: each later stage's
+    steps continue after the previous one's last step, with a dotted line at each boundary. The warm-up's KL is
+    over all keys, the sparse stage's over the selected top-k (DeepSeek-V3.2's two losses); recall is the share
+    of the dense attention mass on the selected keys in both.
+    """
+    plt = _pyplot()
+    fig, (ax_kl, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    offset, layers_seen = 0, []
+    for s, (label, records) in enumerate(stages):
+        series = dsa_series(records)
+        style = ("-", "--", ":", "-.")[s % 4]
+        for layer, data in series.items():
+            if layer not in layers_seen:
+                layers_seen.append(layer)
+            color = colors[layers_seen.index(layer) % len(colors)]
+            for ax, metric in ((ax_kl, "kl"), (ax_rec, "recall")):
+                if data[metric]:
+                    steps, values = zip(*data[metric])
+                    ax.plot([offset + x for x in steps], values, style, color=color, lw=1.2,
+                            label=f"{layer} ({label})")
+        last = max((r["step"] for r in records), default=0)
+        if s < len(stages) - 1:
+            for ax in (ax_kl, ax_rec):
+                ax.axvline(offset + last, color="grey", ls=":", lw=1)
+        offset += last
+    ax_kl.set_yscale("log")
+    ax_kl.set_ylabel("indexer KL (nats; warm-up: all keys, sparse: top-k)")
+    ax_rec.set_ylabel("attention recall (dense mass on top-k)")
+    for ax in (ax_kl, ax_rec):
+        ax.set_xlabel("step (stages back to back)")
+        ax.grid(alpha=0.3)
+    ax_rec.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    _save(plt, fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: str | Path) -> None:
+    """Write the PNG beside its final name and rename it into place, so a reader never sees half a file."""
     fig.tight_layout()
     tmp = Path(path).with_suffix(".tmp.png")
     fig.savefig(tmp)
@@ -105,6 +167,8 @@ class Monitor:
     def plot(self) -> None:
         try:
             plot_losses(self.records, self.plot_path, self.reference, self.title)
+            if dsa_series(self.records):
+                plot_dsa([(self.run_dir.name, self.records)], self.run_dir / "dsa.png", self.title)
         except ImportError as e:  # a missing matplotlib costs the picture, not the run
             warnings.warn(f"no loss plot: {e}", stacklevel=2)
 

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,8 +156,10 @@ class Trainer:
         self._live = self.info.is_main and sys.stderr.isatty()
         self._bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not self._live,
                          dynamic_ncols=True)
-        self._reset_clock()
         try:
+            if cfg.eval_at_start and self.step == 0:  # the starting point of a continued run (step 0)
+                result.eval_loss = self._eval_and_sample()
+            self._reset_clock()
             while self.step < self.max_steps and not self._stop:
                 stats = self._train_step()
                 if stats is None:
@@ -200,8 +202,10 @@ class Trainer:
         if self.step % self.cfg.log_every == 0 or self.step == self.max_steps:
             self._log({"step": self.step, **stats, "tokens": self.tokens_seen, "tokens_per_s": tps})
             if not self._live:
-                self._print(f"step {self.step}/{self.max_steps} | loss {stats['lm_loss']:.4f} | lr {stats['lr']:.2e}"
-                            f" | grad norm {stats['grad_norm']:.2f} | {tps:,.0f} tok/s")
+                # aux: the indexer KL (what dense_warmup optimises) and/or the MoE balance loss
+                aux = f" | aux {stats['aux_loss']:.4f}" if stats["aux_loss"] else ""
+                self._print(f"step {self.step}/{self.max_steps} | loss {stats['lm_loss']:.4f}{aux} | lr "
+                            f"{stats['lr']:.2e} | grad norm {stats['grad_norm']:.2f} | {tps:,.0f} tok/s")
             self._reset_clock()
 
     def _train_step(self) -> dict | None:
@@ -217,10 +221,13 @@ class Trainer:
         preds, toks = [num_predictions(b) for b in micro], [b["input_ids"].numel() for b in micro]
         totals = all_reduce_sum(torch.tensor([sum(preds), sum(toks)], device=self.device), self.info).tolist()
         sums, metric_sums = torch.zeros(3, device=self.device), {}
+        # costly diagnostics (DSA's dense attention recall) only on the steps that log them
+        upcoming = self.step + 1
+        collect = upcoming % cfg.log_every == 0 or upcoming == self.max_steps
         for i, batch in enumerate(micro):
             with self._grad_sync(i == len(micro) - 1), autocast_context(self.device, cfg.dtype):
                 out = self.model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
-                                 labels=batch["labels"].to(self.device))
+                                 labels=batch["labels"].to(self.device), collect_metrics=collect)
             lm, aux = out.loss.float() * (preds[i] / totals[0]), out.aux_loss.float() * (toks[i] / totals[1])
             (self._objective(lm, aux) * W).backward()
             sums[:2] += torch.stack([lm.detach(), aux.detach()])
@@ -279,23 +286,36 @@ class Trainer:
         if self.monitor is not None:
             self.monitor.log(record)
 
+    @contextmanager
+    def _inference_model(self):
+        """The model as inference runs it: eval mode, DSA stage "none" (top-k selection wherever the context is
+        longer than index_topk, no indexer KL). In dense_warmup the training forward is dense; evaluating the
+        inference model instead shows what the warm-up buys: the loss with the indexer's own selection."""
+        was_training = self.raw.training
+        self.raw.eval()
+        self.raw.set_dsa_stage("none")
+        try:
+            yield self.raw
+        finally:
+            self.raw.set_dsa_stage(self.cfg.dsa_stage)
+            self.raw.train(was_training)
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean LM loss on the first `eval_batches` batches of the held-out split (every rank computes it)."""
+        """Mean LM loss of the inference-time model on the first `eval_batches` batches of the held-out split
+        (every rank computes it)."""
         cfg = self.cfg
         if cfg.eval_batches == 0 or len(self.prepared.val) < cfg.seq_len:
             return None
-        was_training = self.raw.training
-        self.raw.eval()
         loss_sum, count = 0.0, 0
-        for batch in iter_eval_batches(self.prepared.val, cfg.seq_len, cfg.batch_size, self.prepared.eos_id,
-                                       max_batches=cfg.eval_batches):
-            with autocast_context(self.device, cfg.dtype):
-                out = self.raw(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
-                               labels=batch["labels"].to(self.device))
-            n = num_predictions(batch)
-            loss_sum, count = loss_sum + out.loss.item() * n, count + n
-        self.raw.train(was_training)
+        with self._inference_model() as model:
+            for batch in iter_eval_batches(self.prepared.val, cfg.seq_len, cfg.batch_size, self.prepared.eos_id,
+                                           max_batches=cfg.eval_batches):
+                with autocast_context(self.device, cfg.dtype):
+                    out = model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
+                                labels=batch["labels"].to(self.device))
+                n = num_predictions(batch)
+                loss_sum, count = loss_sum + out.loss.item() * n, count + n
         return loss_sum / max(count, 1)
 
     @torch.no_grad()
@@ -305,14 +325,10 @@ class Trainer:
         ids = self.tokenizer.encode(cfg.sample_prompt, add_special_tokens=False).ids or [self.prepared.eos_id]
         budget = min(cfg.sample_tokens, self.raw.config.max_position_embeddings - len(ids))
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        self.raw.set_dsa_stage("none")
-        try:
-            with autocast_context(self.device, cfg.dtype):
-                out = self.raw.generate(torch.tensor([ids], device=self.device), max_new_tokens=max(budget, 1),
-                                        do_sample=True, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
-                                        generator=generator)
-        finally:
-            self.raw.set_dsa_stage(cfg.dsa_stage)
+        with self._inference_model() as model, autocast_context(self.device, cfg.dtype):
+            out = model.generate(torch.tensor([ids], device=self.device), max_new_tokens=max(budget, 1),
+                                 do_sample=True, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                                 generator=generator)
         return self.tokenizer.decode(out[0].tolist())
 
     def _eval_and_sample(self) -> float | None:

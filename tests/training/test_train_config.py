@@ -8,6 +8,7 @@ import yaml
 import hybrid_lm
 from hybrid_lm.training.config import (TrainConfig, apply_overrides, default_config_path, dump_train_config,
                                        load_train_config)
+from hybrid_lm.zoo import find_config
 
 REPO = Path(hybrid_lm.__file__).resolve().parents[1]
 
@@ -26,11 +27,12 @@ def test_default_config_points_at_the_tiny_hybrid():
     assert cfg.out_dir == str(Path("runs") / "default")
 
 
-@pytest.mark.parametrize("name", ["default", "dense-small", "dsa-warmup", "dsa-sparse"])
+@pytest.mark.parametrize("name", ["default", "dense-small", "dsa-warmup", "dsa-sparse", "deepseek-v32-tiny",
+                                  "qwen3-next-tiny"])
 def test_shipped_configs_load_and_name_existing_models(name):
     cfg = load_train_config(REPO / "train" / "configs" / f"{name}.yaml")
     if cfg.model is not None:
-        hybrid_lm.load_config(cfg.model)  # the model YAML exists and is valid
+        hybrid_lm.load_config(find_config(cfg.model))  # the model YAML (path or zoo name) exists and is valid
     else:
         assert Path(cfg.init_from).is_absolute()
 
@@ -46,6 +48,8 @@ def test_paths_are_relative_to_the_yaml(tmp_path):
     assert cfg.out_dir == str(tmp_path / "runs" / "x")
     named = load_train_config(_write(sub, {"model": "m.yaml", "data": {"source": "shakespeare"}}))
     assert named.data.source == "shakespeare" and named.out_dir == str(Path("runs") / "t")
+    zoo = load_train_config(_write(sub, {"model": "tiny-hybrid"}))  # a zoo name stays a name
+    assert zoo.model == "tiny-hybrid" and find_config(zoo.model) == REPO / "model_configs" / "tiny-hybrid.yaml"
 
 
 @pytest.mark.parametrize("data, words", [

@@ -6,9 +6,15 @@ import torch
 
 import hybrid_lm
 from hybrid_lm.convert import convert_checkpoint
+from hybrid_lm.layers.dsa import DeepSeekSparseAttention
 from hybrid_lm.training import Trainer, load_train_config, train
+from hybrid_lm.training.monitor import read_metrics
 
 DENSE = {"name": "tiny-dense", "layer_types": ["attention"] * 4}
+
+
+def _dsa(model):
+    return [m for m in model.modules() if isinstance(m, DeepSeekSparseAttention)]
 
 
 def _params(model):
@@ -22,16 +28,28 @@ def test_dense_to_dsa_path(write_config, tmp_path):
     assert (converted / "tokenizer.json").is_file()
 
     warm_cfg = write_config("warmup", model=None, init_from=str(converted), dsa_stage="dense_warmup", max_steps=3,
-                            optim={"lr": 1e-3, "min_lr": 1e-3, "schedule": "constant"})
+                            optim={"lr": 1e-3, "min_lr": 1e-3, "schedule": "constant"}, eval_at_start=True)
     trainer = Trainer(load_train_config(warm_cfg))
     assert trainer.raw.config.layer_types == ["dsa"] * 4
     assert trainer.cfg.data.tokenizer == str(converted / "tokenizer.json")  # the model's own vocabulary
     start = _params(trainer.raw)
     for name, p in hybrid_lm.load_model(dense.run_dir).named_parameters():
         assert torch.equal(start[name], p.detach())  # init_from starts from the converted weights
+    # evals run the inference model: top-8 selection by the (fresh) indexer, not the warm-up's dense forward
+    sparse_eval = trainer.evaluate()
+    assert sparse_eval != pytest.approx(dense.eval_loss, abs=1e-4)
+    assert trainer.raw.training and all(m.dsa_stage == "dense_warmup" for m in _dsa(trainer.raw))  # restored
+    for m in _dsa(trainer.raw):
+        m.topk = 32  # = seq_len: every key kept, the dense model's loss
+    assert trainer.evaluate() == pytest.approx(dense.eval_loss, abs=1e-5)
+    for m in _dsa(trainer.raw):
+        m.topk = 8
     warm = trainer.fit()
     moved = {n for n, p in trainer.raw.named_parameters() if not torch.equal(start[n], p.detach())}
     assert moved == {n for n in start if ".indexer." in n}
+    evals = [(r["step"], r["eval_loss"]) for r in read_metrics(warm.run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert [s for s, _ in evals] == [0, 3] and evals[0][1] == pytest.approx(sparse_eval)  # eval_at_start
+    assert (warm.run_dir / "dsa.png").is_file()
 
     sparse = train(load_train_config(write_config("sparse", model=None, init_from=str(warm.run_dir),
                                                   dsa_stage="sparse", max_steps=2)))

@@ -9,7 +9,7 @@ from torch import nn
 
 from hybrid_lm.training import Trainer, load_train_config, train
 from hybrid_lm.training import checkpoint as ckpt_io
-from hybrid_lm.training.monitor import read_metrics
+from hybrid_lm.training.monitor import dsa_series, plot_dsa, read_metrics
 
 
 def _snapshot(model):
@@ -103,6 +103,7 @@ def test_run_outputs(write_config):
         set(train_lines[0])
     assert train_lines[-1]["tokens"] == 4 * 4 * 32
     assert (run / "loss.png").stat().st_size > 1000
+    assert (run / "dsa.png").stat().st_size > 1000  # the model has a DSA layer: its KL and recall
     samples = (run / "samples.txt").read_text()
     assert samples.count("=== step") == 2 and "ROMEO:" in samples
     assert [p.name for p in ckpt_io.list_checkpoints(run)] == ["step_00000004"]  # keep_last: 1
@@ -160,3 +161,18 @@ def test_cuda_bf16_run_and_resume(write_config):
     assert first.status == "done" and second.status == "done"
     assert all(torch.isfinite(torch.tensor(v)) for v in second.losses.values())
     assert second.eval_loss is not None and second.eval_loss < 6.0
+
+
+def test_dsa_series_and_stage_plot(tmp_path):
+    def rec(step, kl, recall):
+        return {"step": step, "loss": 1.0, "metrics": {"dsa/layer10/kl": kl, "dsa/layer2/kl": kl * 2,
+                                                       "dsa/layer2/recall": recall, "moe/layer1/max_load": 3.0}}
+
+    warm = [rec(5, 1.0, 0.5), rec(10, 0.5, 0.7), {"step": 10, "eval_loss": 4.0}]
+    series = dsa_series(warm)
+    assert list(series) == ["layer2", "layer10"]  # numeric order; other metrics and eval lines ignored
+    assert series["layer2"] == {"kl": [(5, 2.0), (10, 1.0)], "recall": [(5, 0.5), (10, 0.7)]}
+    assert series["layer10"]["recall"] == []
+    path = tmp_path / "dsa.png"
+    plot_dsa([("warm-up", warm), ("sparse", [rec(5, 0.2, 0.8)])], path, "two stages")
+    assert path.stat().st_size > 1000
