@@ -6,6 +6,7 @@ registered in `SUBCOMMANDS`; heavy imports happen inside the commands so `hybrid
     hybrid-lm generate RUN_OR_CKPT --prompt "..." [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
     hybrid-lm convert SRC OUT [--dsa-layers all|none|0,3,5] [--index-topk K] [--force]
     hybrid-lm export-qwen3-next RUN_OR_CKPT OUT [--force]
+    hybrid-lm eval RUN_OR_CKPT [--tasks perplexity mqar passkey dsa_topk] [--lengths 512 ... 16384] [--out DIR]
 
 Multi-GPU / multi-process: `torchrun --nproc_per_node N -m hybrid_lm.cli train ...` (or `train/pretrain.py`).
 """
@@ -16,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from hybrid_lm.eval.cli import add_eval_parser
 from hybrid_lm.hf.cli import add_export_parser, add_import_parser
 
 
@@ -160,7 +162,7 @@ def cmd_export_qwen3_next(args) -> int:
 
 
 SUBCOMMANDS = [add_zoo_parser, add_train_parser, add_generate_parser, add_convert_parser, add_export_parser, add_import_parser,
-               add_export_qwen3_next_parser]
+               add_export_qwen3_next_parser, add_eval_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
