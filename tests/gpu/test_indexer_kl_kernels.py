@@ -118,3 +118,15 @@ def test_auto_picks_triton_and_sparse_without_lse_falls_back():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="attn_lse"):
         ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, indices, backend="triton")
+
+
+def test_mixed_dtypes_under_autocast():
+    """Under autocast the index keys can come out of a LayerNorm in fp32 while the index queries are bf16."""
+    q, k, q_idx, k_idx, w = inputs(1, 128, 4, 1, 32, 2, 32, torch.bfloat16, seed=11)
+    k_idx = k_idx.float().requires_grad_()
+    indices = ops.lightning_indexer_topk(q_idx, k_idx, w, 16)
+    _, lse = ops.sparse_attention(q, k, k, indices, return_lse=True)
+    for loss in (ops.indexer_kl_dense(q, k, q_idx, k_idx, w),
+                 ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, indices, attn_lse=lse)):
+        (grad,) = torch.autograd.grad(loss, k_idx)
+        assert grad.dtype == torch.float32 and torch.isfinite(grad).all()

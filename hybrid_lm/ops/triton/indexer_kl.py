@@ -469,9 +469,9 @@ class IndexerKLFunction(torch.autograd.Function):
 
 
 def _prepare(q, k, q_idx, k_idx, weights):
-    if q.dtype != k.dtype or q_idx.dtype != k_idx.dtype:
-        raise ValueError(f"indexer KL[triton]: q and k must share a dtype, and so must q_idx and k_idx; got "
-                         f"{q.dtype}, {k.dtype}, {q_idx.dtype}, {k_idx.dtype}")
+    # the products need one dtype per pair (under autocast the index keys may come out of a LayerNorm in fp32);
+    # casting here keeps the gradient flowing back to k_idx in its own dtype
+    k, k_idx = k.to(q.dtype), k_idx.to(q_idx.dtype)
     return tuple(x if x.stride(-1) == 1 else x.contiguous() for x in (q.detach(), k.detach(), q_idx, k_idx, weights))
 
 
