@@ -3,6 +3,7 @@
 Effective FLOPs (the issue's definition): forward 4 * T * topk * HQ * D, backward 2.5x that. Random distinct
 causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, topk 2048, bf16. Sweeps a few
 (BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
+`--index-order`: the same index sets in position order and shuffled (top-k returns them by score).
 Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forward).
 
     python benchmarks/bench_sparse_attention.py [--T 16384 65536]
@@ -74,11 +75,37 @@ def dense_baseline(T, rows):
     rows.append(row("dense_attention_fwd", "cudnn-sdpa", T, fwd_ms=ms, tflops=2.0 * T * T * HQ * D / ms / 1e9))
 
 
+def index_order(T, rows):
+    """Same index sets, two orders within each row: by position (as generated) and shuffled (as top-k returns them,
+    by score). Only the order of a row's gathers and atomic adds changes, not the work."""
+    q, k, v, idx = inputs(T, 1)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shuffled = idx.gather(-1, torch.rand(idx.shape, device="cuda", generator=g).argsort(-1).to(idx.device))
+    shuffled = shuffled.to(torch.int32).contiguous()
+    scale = D ** -0.5
+    for name, ind in (("position-order", idx), ("shuffled", shuffled)):
+        o, lse = sa.sparse_attention_fwd(q, k, v, ind, None, scale)
+        do = torch.randn_like(o)
+        f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, ind, None, scale))
+        b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, ind, None, o, lse, do, None, scale))
+        rows.append(row("sparse_attention_index_order", name, T, fwd_ms=f_ms, bwd_ms=b_ms, fwdbwd_ms=f_ms + b_ms, hkv=1))
+    ms = bench_ms(lambda: shuffled.sort(-1))  # what sorting the rows back would cost
+    rows.append(row("sparse_attention_index_order", "torch.sort(rows)", T, fwd_ms=ms, hkv=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
+    ap.add_argument("--index-order", action="store_true",
+                    help="only compare position-ordered with shuffled index rows (and the cost of sorting them)")
     args = ap.parse_args()
     rows = []
+    if args.index_order:
+        for T in args.T:
+            guarded(rows, "sparse_attention_index_order", lambda: index_order(T, rows))
+        save(rows, "sparse_attention_index_order")
+        print_table(rows, cols=("op", "impl", "T", "fwd_ms", "bwd_ms", "fwdbwd_ms"))
+        return
     guarded(rows, "sparse_attention_check", lambda: check(rows))
     for T in args.T:
         guarded(rows, "dense_attention_fwd", lambda: dense_baseline(T, rows))
