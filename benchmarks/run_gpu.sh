@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: GPU tests of the Triton DSA kernels, then the three benchmarks, logs and JSON into $OUT.
+# GPU tests of the Triton DSA kernels and the fla mixers, then the benchmarks, logs and JSON into $OUT. The whole
+# list takes longer than one 10-minute device call: pick parts with ONLY (e.g. ONLY="tests kl model"; default all).
 # Run from the repository root, after `source .gpu/bN/env.sh` when fla / flash-attn-4 travel as wheel bundles.
 #   bash benchmarks/run_gpu.sh [PYTEST_WHEELS_DIR]
 set -u
@@ -11,10 +12,26 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-timeout ${TEST_TIMEOUT:-150} python3 -m pytest tests/gpu tests/ops/test_gpu.py::test_dsa_ops_run_on_cuda -q -s \
-  -p no:cacheprovider > "$OUT/tests.log" 2>&1
-grep -E "rel errors|passed|failed|^FAILED|^E " "$OUT/tests.log" | cut -c1-220 | head -40
+ONLY=${ONLY:-"tests layer sparse topk kl model"}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+if want tests; then
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu tests/ops/test_gpu.py tests/hf/test_gpu.py -q \
+    -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
+  grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
+fi
 cd benchmarks
-timeout ${LAYER_TIMEOUT:-240} python3 bench_layer.py ${LAYER_ARGS:-} > "$OUT/layer.log" 2>&1; tail -40 "$OUT/layer.log" | cut -c1-200
-timeout ${SPARSE_TIMEOUT:-90} python3 bench_sparse_attention.py > "$OUT/sparse.log" 2>&1; tail -22 "$OUT/sparse.log"
-timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py > "$OUT/topk.log" 2>&1; tail -12 "$OUT/topk.log"
+if want layer; then
+  timeout ${LAYER_TIMEOUT:-240} python3 bench_layer.py ${LAYER_ARGS:-} > "$OUT/layer.log" 2>&1
+  grep -v "^{" "$OUT/layer.log" | tail -40 | cut -c1-200
+fi
+if want sparse; then
+  timeout ${SPARSE_TIMEOUT:-90} python3 bench_sparse_attention.py --index-order --T 65536 > "$OUT/order.log" 2>&1
+  tail -6 "$OUT/order.log"
+  timeout ${SPARSE_TIMEOUT:-90} python3 bench_sparse_attention.py > "$OUT/sparse.log" 2>&1; tail -22 "$OUT/sparse.log"
+fi
+if want topk; then timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py > "$OUT/topk.log" 2>&1; tail -12 "$OUT/topk.log"; fi
+if want kl; then timeout ${KL_TIMEOUT:-150} python3 bench_indexer_kl.py > "$OUT/kl.log" 2>&1; tail -16 "$OUT/kl.log"; fi
+if want model; then
+  timeout ${MODEL_TIMEOUT:-400} python3 bench_model.py --out "$OUT/model.json" > "$OUT/model.log" 2>&1
+  grep -v "^{" "$OUT/model.log" | tail -40 | cut -c1-200
+fi
