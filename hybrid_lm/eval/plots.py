@@ -11,6 +11,7 @@ import math
 import warnings
 from pathlib import Path
 
+from ..utils.plotting import pyplot, save_figure
 from .tasks import TASKS
 
 
@@ -42,24 +43,6 @@ def plot_tasks(runs: dict, out_dir: Path) -> list[str]:
     return names
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(".tmp.png")
-    fig.tight_layout()
-    fig.savefig(tmp)
-    _pyplot().close(fig)
-    tmp.replace(path)
-
-
 def _cells(summary: dict, task: str, topk_sweep: bool = False) -> list[dict]:
     return [c for c in summary["cells"] if c["task"] == task and (c["topk"] is not None) == topk_sweep
             and "skipped" not in c]
@@ -82,7 +65,7 @@ def _trained_lines(ax, runs) -> None:
 
 def plot_perplexity(runs: dict, path: Path) -> None:
     """Held-out loss against window length: all positions (solid) and the second half of each window (dashed)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     lengths = set()
     for name, summary in runs.items():
@@ -99,11 +82,11 @@ def plot_perplexity(runs: dict, path: Path) -> None:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.set_title("perplexity vs context (dashed: second half of each window)")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_recall(runs: dict, task: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     lengths = set()
     for name, summary in runs.items():
@@ -118,12 +101,12 @@ def plot_recall(runs: dict, task: str, path: Path) -> None:
     ax.set_ylabel("accuracy")
     ax.set_title(f"{task}: recall vs context length")
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_topk(runs: dict, path: Path) -> None:
     """DSA top-k sweep: accuracy against keys kept per query, one line per (model, task, length)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     topks = set()
     for name, summary in runs.items():
@@ -146,12 +129,12 @@ def plot_topk(runs: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.set_title("DSA: recall vs selected keys")
     ax.legend(fontsize=7)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_training(curves: dict, path: Path) -> None:
     """`curves`: name -> (tokens, train loss, eval tokens, eval loss) lists; loss against tokens seen."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for name, (tokens, loss, eval_tokens, eval_loss) in curves.items():
         line, = ax.plot(tokens, loss, lw=1, alpha=0.8, label=f"{name} (train)")
@@ -162,12 +145,12 @@ def plot_training(curves: dict, path: Path) -> None:
     ax.set_title("training loss vs tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_throughput(rates: dict, path: Path) -> None:
     """`rates`: name -> training tokens per second."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
     names = list(rates)
     values = [rates[n] if rates[n] is not None and math.isfinite(rates[n]) else 0.0 for n in names]
@@ -176,4 +159,4 @@ def plot_throughput(rates: dict, path: Path) -> None:
     ax.set_ylabel("training tokens / s")
     ax.set_title("training throughput")
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -13,6 +13,8 @@ import math
 import warnings
 from pathlib import Path
 
+from ..utils.plotting import pyplot, save_figure
+
 __all__ = ["Monitor", "read_metrics", "plot_losses", "plot_dsa", "dsa_series"]
 
 
@@ -31,7 +33,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_losses(records: list[dict], path: str | Path, reference: float | None = None, title: str = "") -> None:
     """Train LM loss and eval loss against step (PNG); `reference` draws the unigram entropy line."""
-    plt = _pyplot()
+    plt = pyplot()
     train = [(r["step"], r["lm_loss"]) for r in records if "lm_loss" in r and _finite(r["lm_loss"])]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r and _finite(r["eval_loss"])]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
@@ -46,7 +48,7 @@ def plot_losses(records: list[dict], path: str | Path, reference: float | None =
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    _save(plt, fig, path)
+    save_figure(fig, path)
 
 
 def dsa_series(records: list[dict]) -> dict[str, dict[str, list[tuple[int, float]]]]:
@@ -68,7 +70,7 @@ def plot_dsa(stages: list[tuple[str, list[dict]]], path: str | Path, title: str 
     over all keys, the sparse stage's over the selected top-k (DeepSeek-V3.2's two losses); recall is the share
     of the dense attention mass on the selected keys in both.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_kl, ax_rec) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     offset, layers_seen = 0, []
@@ -97,25 +99,7 @@ def plot_dsa(stages: list[tuple[str, list[dict]]], path: str | Path, title: str 
         ax.grid(alpha=0.3)
     ax_rec.legend(fontsize=7, ncol=2)
     fig.suptitle(title)
-    _save(plt, fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(plt, fig, path: str | Path) -> None:
-    """Write the PNG beside its final name and rename it into place, so a reader never sees half a file."""
-    fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def _finite(x) -> bool:
