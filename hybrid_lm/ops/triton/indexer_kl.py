@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .sparse_attention import _doc_starts
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
@@ -189,6 +191,14 @@ def _dense_group_q(q_ptr, t0, T, hk, sq_t, sq_h, G: tl.constexpr, BLOCK_G: tl.co
 
 
 @triton.jit
+def _index_rows(t0, T, HI, BLOCK_M: tl.constexpr, BLOCK_HI: tl.constexpr):
+    """Rows (m, j) of the stacked index queries [BLOCK_M * BLOCK_HI, DI]: each row's position, head, validity."""
+    r = tl.arange(0, BLOCK_M * BLOCK_HI)
+    ti, ji = t0 + r // BLOCK_HI, r % BLOCK_HI
+    return ti, ji, (ji < HI) & (ti < T)
+
+
+@triton.jit
 def _dense_lse_kernel(
     Q, K_, DOC, LSE, sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, T, HKV, qk_scale,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -198,7 +208,6 @@ def _dense_lse_kernel(
     t0 = tl.program_id(0) * BLOCK_M
     b = tl.program_id(1).to(tl.int64)
     hk = tl.program_id(2)
-    t, tmask, start = _dense_rows(t0, T, DOC, HAS_DOC, BLOCK_M)
     q, rt, heads, rmask = _dense_group_q(Q + b * sq_b, t0, T, hk, sq_t, sq_h, G, BLOCK_G, D, BLOCK_D, BLOCK_M)
     rstart = tl.zeros([BLOCK_M * BLOCK_G], tl.int32)
     if HAS_DOC:
@@ -232,7 +241,8 @@ def _dense_block(Q, K_, LSE, QI, KI, W, b, t0, t, tmask, start, n0, T, HKV, HQ, 
                  BLOCK_HI: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, PREC: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile: the target p, the indexer logits (-inf where not visible), the visibility,
-    the pre-relu dots [BLOCK_M * BLOCK_HI, BLOCK_N], the stacked index queries, weights and the key rows."""
+    the pre-relu dots [BLOCK_M * BLOCK_HI, BLOCK_N], the stacked index queries (rows as in _index_rows), their
+    weights and the key rows."""
     s_pos = n0 + tl.arange(0, BLOCK_N)
     vis = (s_pos[None, :] <= t[:, None]) & (s_pos[None, :] >= start[:, None]) & tmask[:, None]  # [BLOCK_M, BLOCK_N]
     dd = tl.arange(0, BLOCK_D)
@@ -247,9 +257,7 @@ def _dense_block(Q, K_, LSE, QI, KI, W, b, t0, t, tmask, start, n0, T, HKV, HQ, 
         p += tl.sum(tl.reshape(e, [BLOCK_M, BLOCK_G, BLOCK_N]), 1)
     p = tl.where(vis, p / HQ, 0.0)
     # indexer: rows (m, j) stacked as [BLOCK_M * BLOCK_HI, BLOCK_DI]
-    ri = tl.arange(0, BLOCK_M * BLOCK_HI)
-    ti, ji = t0 + ri // BLOCK_HI, ri % BLOCK_HI
-    imask = (ji < HI) & (ti < T)
+    ti, ji, imask = _index_rows(t0, T, HI, BLOCK_M, BLOCK_HI)
     di = tl.arange(0, BLOCK_DI)
     qi = tl.load(QI + b * sqi_b + ti.to(tl.int64)[:, None] * sqi_t + ji[:, None] * sqi_h + di[None, :],
                  mask=imask[:, None] & (di[None, :] < DI), other=0.0)
@@ -259,7 +267,7 @@ def _dense_block(Q, K_, LSE, QI, KI, W, b, t0, t, tmask, start, n0, T, HKV, HQ, 
     a = tl.dot(qi, tl.trans(ki), input_precision=PREC)  # [BLOCK_M * BLOCK_HI, BLOCK_N]
     logits = tl.sum(tl.reshape(w[:, None] * tl.maximum(a, 0.0), [BLOCK_M, BLOCK_HI, BLOCK_N]), 1)
     logits = tl.where(vis, logits, float("-inf"))
-    return p, logits, vis, a, qi, w, ki, ti, ji, imask
+    return p, logits, vis, a, qi, w, ki
 
 
 @triton.jit
@@ -285,7 +293,7 @@ def _kl_dense_kernel(
         p_logp = tl.zeros([BLOCK_M], tl.float32)
         p_logit = tl.zeros([BLOCK_M], tl.float32)
         for n0 in range((k_lo // BLOCK_N) * BLOCK_N, k_hi, BLOCK_N):
-            p, logits, vis, _, _, _, _, _, _, _ = _dense_block(
+            p, logits, vis, _, _, _, _ = _dense_block(
                 Q, K_, LSE, QI, KI, W, b, t0, t, tmask, start, n0, T, HKV, HQ, HI, qk_scale,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, sqi_b, sqi_t, sqi_h, ski_b, ski_t, sw_b, sw_t,
                 G, BLOCK_G, D, BLOCK_D, BLOCK_HI, DI, BLOCK_DI, BLOCK_M, BLOCK_N, PREC)
@@ -305,7 +313,7 @@ def _kl_dense_kernel(
         dw = tl.zeros([BLOCK_M * BLOCK_HI], tl.float32)
         di = tl.arange(0, BLOCK_DI)
         for n0 in range((k_lo // BLOCK_N) * BLOCK_N, k_hi, BLOCK_N):
-            p, logits, vis, a, qi, w, ki, _, _, _ = _dense_block(
+            p, logits, vis, a, qi, w, ki = _dense_block(
                 Q, K_, LSE, QI, KI, W, b, t0, t, tmask, start, n0, T, HKV, HQ, HI, qk_scale,
                 sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sl_b, sl_t, sqi_b, sqi_t, sqi_h, ski_b, ski_t, sw_b, sw_t,
                 G, BLOCK_G, D, BLOCK_D, BLOCK_HI, DI, BLOCK_DI, BLOCK_M, BLOCK_N, PREC)
@@ -320,9 +328,7 @@ def _kl_dense_kernel(
             s_pos = n0 + tl.arange(0, BLOCK_N)
             tl.atomic_add(DKI + (b * T + s_pos.to(tl.int64))[:, None] * DI + di[None, :], dki,
                           mask=(s_pos[:, None] < T) & (di[None, :] < DI), sem="relaxed")
-        ri = tl.arange(0, BLOCK_M * BLOCK_HI)
-        ti, ji = t0 + ri // BLOCK_HI, ri % BLOCK_HI
-        omask = (ji < HI) & (ti < T)
+        ti, ji, omask = _index_rows(t0, T, HI, BLOCK_M, BLOCK_HI)
         out = (b * T + ti.to(tl.int64)) * HI + ji
         tl.store(DQI + out[:, None] * DI + di[None, :], dqi, mask=omask[:, None] & (di[None, :] < DI))
         tl.store(DW + out, dw, mask=omask)
@@ -341,14 +347,14 @@ def _precision(*tensors) -> str:
     return "ieee" if any(x.dtype == torch.float32 for x in tensors) else "tf32"
 
 
-def _doc_starts(cu_seqlens, T, device):
-    from .sparse_attention import _doc_starts as starts
-
-    return starts(cu_seqlens, T, device)
-
-
 def _strides(x, n=3):
     return tuple(x.stride(i) for i in range(n))
+
+
+def _grad_buffers(B, T, HI, DI, device):
+    """fp32 dq_idx [B, T, HI, DI], dk_idx [B, T, DI] (zeroed: atomic adds land there) and dw [B, T, HI]."""
+    f32 = dict(device=device, dtype=torch.float32)
+    return torch.empty(B, T, HI, DI, **f32), torch.zeros(B, T, DI, **f32), torch.empty(B, T, HI, **f32)
 
 
 SPARSE_CONFIG = (32, 4)  # BLOCK_K, num_warps
@@ -364,9 +370,7 @@ def _sparse_launch(q, k, lse, q_idx, k_idx, w, indices, doc, scale, backward, sa
     kl = lse_i = z = dqi = dki = dw = None
     if backward:
         lse_i, z = saved
-        dqi = torch.empty(B, T, HI, DI, device=dev, dtype=torch.float32)
-        dki = torch.zeros(B, T, DI, device=dev, dtype=torch.float32)
-        dw = torch.empty(B, T, HI, device=dev, dtype=torch.float32)
+        dqi, dki, dw = _grad_buffers(B, T, HI, DI, dev)
     else:
         kl, lse_i, z = (torch.empty(B, T, device=dev, dtype=torch.float32) for _ in range(3))
     dummy = lse
@@ -399,9 +403,7 @@ def _dense_launch(q, k, lse, q_idx, k_idx, w, doc, scale, backward, lse_i=None, 
     dev = q.device
     kl = dqi = dki = dw = None
     if backward:
-        dqi = torch.empty(B, T, HI, DI, device=dev, dtype=torch.float32)
-        dki = torch.zeros(B, T, DI, device=dev, dtype=torch.float32)
-        dw = torch.empty(B, T, HI, device=dev, dtype=torch.float32)
+        dqi, dki, dw = _grad_buffers(B, T, HI, DI, dev)
     else:
         kl, lse_i = (torch.empty(B, T, device=dev, dtype=torch.float32) for _ in range(2))
     dummy = lse
@@ -425,7 +427,6 @@ def dense_lse(q, k, doc, scale):
     G = HQ // HKV
     block_n, num_warps = DENSE_CONFIG
     block_g, _, block_m = _dense_blocks(G, 1)
-    block_m = max(block_m, 16 // block_g if block_g < 16 else 1)
     lse = torch.empty(B, T, HQ, device=q.device, dtype=torch.float32)
     _dense_lse_kernel[(triton.cdiv(T, block_m), B, HKV)](
         q, k, doc if doc is not None else lse, lse, *_strides(q), *_strides(k), *_strides(lse, 2),
