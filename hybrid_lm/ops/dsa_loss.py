@@ -244,14 +244,12 @@ def indexer_kl_dense(q, k, q_idx, k_idx, weights, *, scale=None, cu_seqlens=None
     q [B,T,HQ,D], k [B,T,HKV,D] (no gradient); q_idx [B,T,HI,DI], k_idx [B,T,DI], weights [B,T,HI] (trained;
     any score scale already folded into weights). scale defaults to D**-0.5. Memory O(HI * T * block) in the
     reference (``block`` sets its query block); the Triton backend streams over keys in O(T) memory."""
-    cu = _check_attention(q, k, cu_seqlens, block)
+    _check_attention(q, k, cu_seqlens, block)
     _check_indexer(q, q_idx, k_idx, weights)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = resolve_backend("indexer_kl_dense", backend, q.device, q.dtype, features={"device": q.device})
-    if name == "reference":
-        return _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, None, None, scale, cu, block)
     return get_backend("indexer_kl_dense", name)(q.detach(), k.detach(), q_idx, k_idx, weights, scale=scale,
-                                                 cu_seqlens=cu_seqlens)
+                                                 cu_seqlens=cu_seqlens, block=block)
 
 
 def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_seqlens=None, attn_lse=None,
@@ -263,7 +261,7 @@ def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_se
     none). p_S is the per-head attention softmax over S_t averaged over heads; attn_lse [B,T,HQ], the sparse
     attention's natural-log sum of exp(scale * q.k) over S_t, skips recomputing it (the Triton backend needs
     it). Memory O(block * K * D) in the reference, O(T) in the Triton backend."""
-    cu = _check_attention(q, k, cu_seqlens, block)
+    _check_attention(q, k, cu_seqlens, block)
     _check_indexer(q, q_idx, k_idx, weights)
     _check_indices(q, indices)
     if attn_lse is not None and tuple(attn_lse.shape) != tuple(q.shape[:3]):
@@ -272,15 +270,25 @@ def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_se
     lse = None if attn_lse is None else attn_lse.detach()
     name = resolve_backend("indexer_kl_sparse", backend, q.device, q.dtype,
                            features={"device": q.device, "attn_lse": lse is not None})
-    if name == "reference":
-        return _IndexerKL.apply(q.detach(), k.detach(), q_idx, k_idx, weights, indices, lse, scale, cu, block)
     return get_backend("indexer_kl_sparse", name)(q.detach(), k.detach(), q_idx, k_idx, weights, indices,
-                                                  scale=scale, cu_seqlens=cu_seqlens, attn_lse=lse)
+                                                  scale=scale, cu_seqlens=cu_seqlens, attn_lse=lse, block=block)
 
 
-# the reference runs inline above (it needs the parsed cu_seqlens and `block`); registered so it can be named
-register_backend("indexer_kl_dense", "reference", None, priority=0)
-register_backend("indexer_kl_sparse", "reference", None, priority=0)
+def _cu_list(cu_seqlens):
+    return None if cu_seqlens is None else cu_seqlens.tolist()  # already checked by the op
+
+
+def _kl_dense_reference(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None, block=256):
+    return _IndexerKL.apply(q, k, q_idx, k_idx, weights, None, None, scale, _cu_list(cu_seqlens), block)
+
+
+def _kl_sparse_reference(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None,
+                         block=256):
+    return _IndexerKL.apply(q, k, q_idx, k_idx, weights, indices, attn_lse, scale, _cu_list(cu_seqlens), block)
+
+
+register_backend("indexer_kl_dense", "reference", _kl_dense_reference, priority=0)
+register_backend("indexer_kl_sparse", "reference", _kl_sparse_reference, priority=0)
 
 
 @torch.no_grad()

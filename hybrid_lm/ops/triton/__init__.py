@@ -49,13 +49,13 @@ register_backend("sparse_attention", "triton", _sparse_attention, available=_spa
                  priority=TRITON_PRIORITY, requires="a CUDA device, triton and bf16/fp16 inputs")
 
 
-def _kl_dense(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None):
+def _kl_dense(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None, block=None):  # block: the reference's
     from .indexer_kl import indexer_kl_dense_triton
 
     return indexer_kl_dense_triton(q, k, q_idx, k_idx, weights, scale=scale, cu_seqlens=cu_seqlens)
 
 
-def _kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None):
+def _kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None, block=None):
     from .indexer_kl import indexer_kl_sparse_triton
 
     return indexer_kl_sparse_triton(q, k, q_idx, k_idx, weights, indices, scale=scale, cu_seqlens=cu_seqlens,
