@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from ..registry import Mixer, MixerConfig, register_mixer
+from .gated_deltanet import state_flops_per_token
 
 REQUIRES = "fla (pip install -e \".[gpu]\") and a CUDA GPU"
 RESERVED = ("hidden_size", "d_model", "layer_idx")  # set from the model
@@ -257,13 +258,9 @@ class FlaMixer(Mixer):
         return torch.cat([self._call(x[:, a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a], dim=1)
 
     def flops_per_token(self, context_len: int) -> float:
-        # estimated like gated_deltanet's: per state head ~6 K*V for decay/update/readout plus chunked intra-block
-        # terms (chunk 64); 0 where the layer's state shape is not recognised
+        # estimated as for gated_deltanet; 0 where the layer's state shape is not recognised
         dims = _state_dims(self.layer)
-        if dims is None:
-            return 0.0
-        heads, k, v = dims
-        return heads * (6.0 * k * v + 2.0 * 64 * (k + v))
+        return 0.0 if dims is None else state_flops_per_token(*dims)
 
 
 def _state_dims(layer: nn.Module) -> tuple[int, int, int] | None:

@@ -26,6 +26,12 @@ from .sequence import SequenceInfo
 GDN_BACKENDS = ("auto", "reference", "recurrent", "fla")
 
 
+def state_flops_per_token(heads: int, k: int, v: int, chunk: int = 64) -> float:
+    """Forward FLOPs per token of a chunked linear-attention state of `heads` x [k, v]: decay/update/readout
+    (~6 k v per head) plus the intra-chunk terms (2 * chunk * (k + v))."""
+    return heads * (6.0 * k * v + 2.0 * chunk * (k + v))
+
+
 @dataclass
 class GatedDeltaNetConfig(MixerConfig):
     num_heads: int | None = None  # default: the model's num_attention_heads
@@ -126,6 +132,4 @@ class GatedDeltaNet(Mixer):
         return self.o_proj(o.flatten(2))
 
     def flops_per_token(self, context_len: int) -> float:
-        # state decay/update/readout (~6 K*V per head) plus the chunked intra-block terms (chunk 64)
-        kv = self.head_k_dim * self.head_v_dim
-        return self.num_v_heads * (6.0 * kv + 2.0 * 64 * (self.head_k_dim + self.head_v_dim))
+        return state_flops_per_token(self.num_v_heads, self.head_k_dim, self.head_v_dim)
