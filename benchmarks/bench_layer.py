@@ -22,6 +22,7 @@ from common import bench_ms, guarded, peak_mem_gb, print_table, row, save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hybrid_lm import ops
+from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
 H, D, HI, DI, TOPK = 16, 128, 4, 64, 2048
 
@@ -80,8 +81,18 @@ def dsa(T, hkv, rows):
     idx = ops.lightning_indexer_topk(q_idx, k_idx, w, TOPK, backend="triton")
     ms = bench_ms(lambda: ops.lightning_indexer_topk(q_idx, k_idx, w, TOPK, backend="triton"))
     rows.append(row("dsa_indexer_topk", "triton", T, fwd_ms=ms, hkv=hkv))
+    if hkv == 1:  # the previous default, full scores + torch.topk, in the same run
+        ms = bench_ms(lambda: indexer_topk_triton(q_idx, k_idx, w, TOPK, select="torch"))
+        rows.append(row("dsa_indexer_topk", "triton-torch.topk", T, fwd_ms=ms, hkv=hkv))
     measure(rows, "dsa_sparse_attention", f"triton-hkv{hkv}", T, lambda: ops.sparse_attention(q, k, v, idx),
             lambda: ops.sparse_attention(q, k, v, idx).backward(do), flops, hkv=hkv)
+    if hkv == 1:  # the same index sets in score order (random with respect to position), as top-k returned before
+        g = torch.Generator(device="cuda").manual_seed(1)
+        shuffled = idx.gather(-1, torch.rand(idx.shape, device="cuda", generator=g).argsort(-1))
+        measure(rows, "dsa_sparse_attention", f"triton-hkv{hkv}-score-order", T,
+                lambda: ops.sparse_attention(q, k, v, shuffled),
+                lambda: ops.sparse_attention(q, k, v, shuffled).backward(do), flops, hkv=hkv)
+        del shuffled
     qi, ki, wi = (x.detach().clone().requires_grad_() for x in (q_idx, k_idx, w))
 
     def train_step():  # sparse stage: select, attend, and the indexer's KL on the selection, both backwards

@@ -1,9 +1,12 @@
-"""Question: is the indexer's radix top-k faster than torch.topk on the same scores (DSA, arXiv 2512.02556)?
+"""Question: which top-k selection is fastest for the indexer (DSA, arXiv 2512.02556): torch.topk on the full
+scores, the radix-select kernel, or the threshold selection (sampled threshold, streaming candidate pass, top-k
+of the candidates, no score block)?
 
 Scores: the Triton index-score kernel's output for the last R query rows of a T-token sequence (4 index heads x
 64, bf16 inputs, fp32 scores), i.e. the longest rows. torch.topk gets the same rows with future keys set to
--inf; both return the topk = 2048 best keys sorted by score. Also times the score kernel alone and the whole
-Triton indexer top-k against the chunked PyTorch reference on the GPU.
+-inf; both return the topk = 2048 best keys sorted by score. Then the whole Triton indexer top-k (scores and
+selection) with each selection, against the chunked PyTorch reference on the GPU; the threshold selection's
+rows are checked against torch.topk's (same index sets) and its exact-fallback rows counted.
 
     python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096]
 """
@@ -53,12 +56,22 @@ def selection(T, R, rows):
 
 def whole(T, rows):
     q, k, w = inputs(T)
-    for select in ("torch", "radix") if T <= 16384 else ("torch",):
+    results = {}
+    for select in ("threshold", "torch", "radix") if T <= 16384 else ("threshold", "torch"):
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        it.STATS["exact_rows"] = 0
+        results[select] = it.indexer_topk_triton(q, k, w, TOPK, select=select)
+        extra = {"exact_rows": it.STATS["exact_rows"]} if select == "threshold" else {}
         ms = bench_ms(lambda: it.indexer_topk_triton(q, k, w, TOPK, select=select))
         mem = torch.cuda.max_memory_allocated() / 2**30
+        if select != "threshold":
+            same = (results[select] == results["threshold"]).all(-1).float().mean().item()
+            extra["rows_equal_threshold"] = same
+            print(f"T={T}: {select} and threshold select the same keys in {same:.4%} of rows")
+            del results[select]
         rows.append(row("indexer_topk", f"triton-scores+{select}", T, fwd_ms=ms, tflops=HI * DI * T * T / ms / 1e9,
-                        peak_mem_gb=mem))
+                        peak_mem_gb=mem, **extra))
     if T <= 16384:
         ms_ref = bench_ms(lambda: _topk_reference(q, k, w, TOPK), warmup=5, rep=30)
         rows.append(row("indexer_topk", "reference(torch, GPU)", T, fwd_ms=ms_ref))

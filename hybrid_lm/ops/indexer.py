@@ -14,7 +14,7 @@ import torch
 
 from .backends import check_cu_seqlens, compute_dtype, get_backend, register_backend, resolve_backend
 
-__all__ = ["lightning_indexer_scores", "lightning_indexer_topk"]
+__all__ = ["lightning_indexer_scores", "lightning_indexer_topk", "position_order"]
 
 # Query rows per block in the reference top-k, shrunk so the [B, rows, HI, keys] logits stay
 # under SCORE_BUDGET elements (no [T, T] tensor at long context). Tests lower these.
@@ -74,9 +74,10 @@ def lightning_indexer_scores(q_idx, k_idx, weights, *, cu_seqlens=None):
 def lightning_indexer_topk(q_idx, k_idx, weights, topk, *, cu_seqlens=None, backend="auto"):
     """Indices ``[B, Tq, topk]`` (int64) of each query's ``topk`` highest-scoring visible keys.
 
-    Valid indices come first, sorted by descending score; rows with fewer than ``topk``
-    visible keys are padded with ``-1``. With ``cu_seqlens`` the indices are offsets within the
-    query's document. Ties may come in any order.
+    Valid indices come first, in ascending key position (the order the sparse attention gathers
+    and scatters best in); rows with fewer than ``topk`` visible keys are padded with ``-1``. With
+    ``cu_seqlens`` the indices are offsets within the query's document. Among keys tied at the
+    k-th score the reference keeps the earliest; fast backends may keep other tied keys.
     """
     _check_inputs(q_idx, k_idx, weights, cu_seqlens, "lightning_indexer_topk")
     if int(topk) < 1:
@@ -88,6 +89,13 @@ def lightning_indexer_topk(q_idx, k_idx, weights, topk, *, cu_seqlens=None, back
     name = resolve_backend("lightning_indexer_topk", backend, q_idx.device, q_idx.dtype, features=features)
     fn = get_backend("lightning_indexer_topk", name)
     return fn(q_idx, k_idx, weights, int(topk), cu_seqlens=cu_seqlens)
+
+
+def position_order(idx: torch.Tensor) -> torch.Tensor:
+    """Each row of -1-padded top-k indices with its valid entries in ascending position, the -1s last."""
+    big = torch.iinfo(idx.dtype).max
+    ordered = torch.where(idx < 0, big, idx).sort(dim=-1).values
+    return ordered.masked_fill_(ordered == big, -1)
 
 
 def _topk_dense(q_idx, k_idx, weights, topk: int) -> torch.Tensor:
@@ -108,7 +116,7 @@ def _topk_dense(q_idx, k_idx, weights, topk: int) -> torch.Tensor:
         # so a token selects the same keys in a full forward and in cached decoding
         vals, idx = scores.sort(dim=-1, descending=True, stable=True)
         vals, idx = vals[..., :kk], idx[..., :kk]  # [B, c, kk]
-        out[:, t0:t1, :kk] = idx.masked_fill(vals == float("-inf"), -1)
+        out[:, t0:t1, :kk] = position_order(idx.masked_fill(vals == float("-inf"), -1))
     return out
 
 

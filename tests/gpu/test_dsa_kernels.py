@@ -2,7 +2,7 @@
 
 Sparse attention: outputs, lse and gradients (through o and lse) vs the fp32 reference on the same bf16 inputs,
 by relative Frobenius error. Indexer top-k: compared through scores (ties may come in any order): the right
-number of valid slots, distinct visible keys, descending order and the same top-k values as the brute force.
+number of valid slots, distinct visible keys, ascending positions and the same top-k values as the brute force.
 """
 
 import pytest
@@ -128,10 +128,11 @@ def check_topk(idx, scores, topk, starts):
     assert (marked.diff(dim=-1) != 0).all(), "a key was selected twice"
     tol = 1e-4 * scores[torch.isfinite(scores)].abs().max().item() + 1e-5
     pair = valid[..., 1:]
-    assert ((vals[..., :-1] >= vals[..., 1:] - tol) | ~pair).all(), "not in descending score order"
+    assert ((pos[..., 1:] > pos[..., :-1]) | ~pair).all(), "valid indices not in ascending position"
     kk = min(topk, Tk)
     best = scores.topk(kk, dim=-1).values
     best = torch.cat([best, best.new_full((B, Tq, topk - kk), float("-inf"))], -1)
+    vals = vals.sort(dim=-1, descending=True).values
     assert ((vals - best).abs() <= tol)[valid].all(), "a better key was left out"
 
 
@@ -143,6 +144,11 @@ INDEX_CASES = [
     (1, 100, 100, 4, 64, 128, BF16, None),  # topk > T: every row keeps all it sees
     (1, 257, 257, 3, 32, 16, torch.float32, None),  # fp32, odd head count
     (1, 4096, 4096, 4, 64, 2048, BF16, None),  # V3.2's topk on long rows
+    # topk >= 256 takes the threshold selection (sampled threshold, candidate pass, top-k of the candidates)
+    (2, 1500, 1500, 4, 64, 256, BF16, None),
+    (1, 600, 2000, 4, 64, 256, BF16, None),  # Tq < Tk
+    (1, 2500, 2500, 4, 64, 256, BF16, [0, 700, 1900, 1950, 2500]),  # documents shorter and longer than CAP
+    (1, 1200, 1200, 2, 32, 300, torch.float32, None),  # fp32, topk not a power of 2
 ]
 
 
@@ -170,7 +176,7 @@ def test_radix_select_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, se
     check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
 
 
-@pytest.mark.parametrize("select", ["torch", "radix"])
+@pytest.mark.parametrize("select", ["torch", "radix", "threshold"])
 def test_indexer_topk_chunked_rows_and_ties(select):
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
@@ -180,6 +186,32 @@ def test_indexer_topk_chunked_rows_and_ties(select):
     k[:, 1::2] = 0  # half the keys score exactly 0: the k-th largest often sits inside a tie
     idx = indexer_topk_triton(q, k, w, topk, score_budget=B * T * 37, select=select)  # 37-row chunks
     check_topk(idx, ops.lightning_indexer_scores(q.float(), k.float(), w), topk, torch.zeros(T, device="cuda").long())
+
+
+@pytest.mark.parametrize("plan", [(4, 1, 1024), (4, 10**6, 1024)], ids=["threshold-too-high", "no-threshold"])
+def test_threshold_selection_falls_back_to_exact_rows(monkeypatch, plan):
+    """A threshold above the k-th score (too few candidates) or none at all (more than CAP candidates): the rows
+    it misses are redone exactly, so the result stays right."""
+    from hybrid_lm.ops.triton import indexer_topk as it
+
+    monkeypatch.setattr(it, "threshold_plan", lambda topk: plan)
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    B, T, topk = 2, 2000, 300
+    q, k, w = make_index_inputs(B, T, T, 4, 64, BF16, gen)
+    idx = it.indexer_topk_triton(q, k, w, topk, select="threshold")
+    check_topk(idx, ops.lightning_indexer_scores(q.float(), k.float(), w), topk, torch.zeros(T, device="cuda").long())
+
+
+def test_threshold_selection_equals_reference_on_exact_ties():
+    """Keys scoring exactly 0 tie; the threshold selection keeps the earliest tied keys like the reference."""
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    T, topk = 3000, 512
+    q, k, w = make_index_inputs(1, T, T, 4, 64, BF16, gen)
+    w = w.abs()  # scores >= 0: zero keys and keys every head's relu zeroes score exactly 0, so rows shorter
+    k[:, ::3] = 0  # than ~800 tokens have their k-th score inside a tie at 0
+    got = ops.lightning_indexer_topk(q, k, w, topk, backend="triton")
+    want = ops.lightning_indexer_topk(q.float(), k.float(), w, topk, backend="reference")
+    assert (got == want).all(-1).float().mean() > 0.99
 
 
 def test_dsa_with_topk_at_least_T_equals_dense_attention():

@@ -1,7 +1,8 @@
 """Triton kernels for DeepSeek Sparse Attention (arXiv 2512.02556), registered as ``"triton"`` backends.
 
-- ``lightning_indexer_topk``: chunked index-score kernel, then torch.topk or a radix-select kernel
-  (``indexer_topk.py``);
+- ``lightning_indexer_topk``: a sampled threshold per row, one streaming pass that keeps the keys above it, and
+  the exact top-k of those candidates, with no [T, T] scores (``indexer_topk.py``; full scores + torch.topk or a
+  radix-select kernel as options);
 - ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``);
 - ``indexer_kl_dense`` / ``indexer_kl_sparse``: the indexer's KL losses, forward and backward, streamed over the
   keys without a [T, T] tensor (``indexer_kl.py``).

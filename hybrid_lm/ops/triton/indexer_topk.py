@@ -1,17 +1,22 @@
-"""Triton kernels for the DSA lightning indexer (DeepSeek-V3.2, arXiv 2512.02556): scores, then radix top-k.
+"""Triton kernels for the DSA lightning indexer (DeepSeek-V3.2, arXiv 2512.02556): scores and top-k selection.
 
-``I[t, s] = sum_j w[t, j] * relu(q_idx[t, j] . k_idx[s])`` in fp32. Query rows are processed in chunks whose
-``[rows, Tk]`` fp32 score block stays under a memory budget (never the whole ``[T, T]`` matrix):
+``I[t, s] = sum_j w[t, j] * relu(q_idx[t, j] . k_idx[s])`` in fp32, each tile one matrix product over all index
+heads (rows ``t * HI + j`` of q_idx are contiguous). Selections (``select=``), all returning each row's indices in
+position order:
 
-1. ``_index_scores_kernel`` computes a ``[BLOCK_M, BLOCK_N]`` score tile per step with one matrix product over
-   all index heads (rows ``t * HI + j`` of q_idx are contiguous); keys a row cannot see get ``-inf``, and tiles
-   no row of the block can see are filled with ``-inf`` instead of computed.
-2. Selection, per chunk: ``torch.topk`` (the default: on an H100 it beat the kernel below, see BENCHMARKS.md),
-   or ``_radix_topk_kernel``, which selects each row's ``topk`` largest visible scores without sorting the row:
-   scores become order-preserving uint32 keys, histogram passes over 8-bit (or 11-bit) digits find the exact
-   k-th largest key, one pass writes the keys above it (and enough ties), and a bitonic sort of the ``topk``
-   survivors (packed as key << 32 | index) puts them in descending score order. Rows with at most ``topk``
-   visible keys skip the histograms and keep every key, padded with -1.
+- ``threshold`` (the default for topk >= 256), which never writes a ``[rows, keys]`` score block:
+  1. ``_index_scores_kernel`` with ``STRIDE`` S scores one key per S-wide stratum (at a hashed offset); the
+     r-th best sample of a row is its threshold (``threshold_plan`` picks S, r and the capacity CAP = 2 topk
+     rounded up to a power of 2 so that the threshold lands between the k-th and the CAP-th score);
+  2. ``_candidates_kernel`` streams over each row block's visible keys and keeps, in position order, every key
+     scoring at or above the threshold (at most CAP; the count is kept even past CAP);
+  3. ``_select_candidates_kernel`` sorts a copy of each row's candidate scores to find the k-th, then keeps the
+     keys above it and the earliest keys tied with it (the reference's tie rule), still in position order.
+  Rows whose threshold missed (fewer than topk candidates, or more than CAP) are redone exactly in PyTorch
+  (``exact_rows``; about one row in a thousand on random data, counted in ``STATS``).
+- ``torch``: full score rows in chunks under a memory budget (``SCORE_BUDGET``), then ``torch.topk``.
+- ``radix`` / ``radix11``: the same chunks, then ``_radix_topk_kernel`` (histogram passes over 8- or 11-bit digits
+  of order-preserving uint32 keys find the exact k-th key; measured slower than torch.topk, kept for reference).
 
 Shapes: q_idx ``[B, Tq, HI, DI]``, k_idx ``[B, Tk, DI]``, weights ``[B, Tq, HI]``, output ``[B, Tq, topk]`` int64
 (queries are the last Tq key positions; with ``cu_seqlens`` the indices are offsets within the document).
@@ -23,11 +28,61 @@ import torch
 import triton
 import triton.language as tl
 
+from ..indexer import position_order
 from .sparse_attention import _doc_starts
 
 # fp32 score elements per chunk of query rows (1 GiB): bounds memory at long context
 SCORE_BUDGET = 1 << 28
+# rows the threshold selection had to redo exactly since the last reset (benchmarks and tests read it)
+STATS = {"exact_rows": 0}
 INT64_MIN: tl.constexpr = tl.constexpr(-(2**63))
+
+
+@triton.jit
+def _sample_keys(cols, STRIDE: tl.constexpr):
+    """Key sampled by score column `cols`: every key when STRIDE is 1, else one key per STRIDE-wide stratum at a
+    hashed offset (stratified sampling, so a period in the data cannot alias with the stride)."""
+    if STRIDE == 1:
+        return cols
+    h = (cols.to(tl.uint32) * 1103515245 + 12345) >> 16
+    return cols * STRIDE + (h & (STRIDE - 1)).to(tl.int32)
+
+
+@triton.jit
+def _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t,
+                 HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
+                 BLOCK_M: tl.constexpr):
+    """Index queries of rows row0 .. row0 + BLOCK_M as one [BLOCK_M * HI_P2, BLOCK_DI] matrix (token r // HI_P2,
+    index head r % HI_P2) and their head weights."""
+    r = tl.arange(0, BLOCK_M * HI_P2)
+    tok = row0 + r // HI_P2
+    head = r % HI_P2
+    rmask = (tok < t1) & (head < HI)
+    d = tl.arange(0, BLOCK_DI)
+    q = tl.load(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_t + head[:, None] * DI + d[None, :],
+                mask=rmask[:, None] & (d[None, :] < DI), other=0.0)
+    w = tl.load(W + b * sw_b + tok.to(tl.int64) * sw_t + head, mask=rmask, other=0.0)
+    return q, w
+
+
+@triton.jit
+def _score_tile(q, w, kbase, keys, sk_t, Tk, DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_M: tl.constexpr,
+                HI_P2: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] index scores of the query block against keys `keys`: one product over all heads."""
+    d = tl.arange(0, BLOCK_DI)
+    kt = tl.load(kbase + keys.to(tl.int64)[:, None] * sk_t + d[None, :],
+                 mask=(keys[:, None] < Tk) & (d[None, :] < DI), other=0.0)  # [BLOCK_N, BLOCK_DI]
+    dots = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [BLOCK_M * HI_P2, BLOCK_N]
+    contrib = tl.maximum(dots, 0.0) * w[:, None]
+    return tl.sum(tl.reshape(contrib, (BLOCK_M, HI_P2, BLOCK_N)), 1)
+
+
+@triton.jit
+def _row_ranges(LO, HI_, rows, t1):
+    valid_row = rows < t1
+    row_lo = tl.load(LO + rows, mask=valid_row, other=0)
+    row_hi = tl.load(HI_ + rows, mask=valid_row, other=0)
+    return valid_row, row_lo, row_hi, tl.min(tl.where(valid_row, row_lo, 2**30)), tl.max(row_hi)
 
 
 @triton.jit
@@ -36,39 +91,92 @@ def _index_scores_kernel(
     sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, ss_b, ss_r,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    STRIDE: tl.constexpr = 1,
 ):
+    """Column c of a score row holds key c (STRIDE = 1) or, sampling, key c * STRIDE + jitter(c)."""
     pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
-    # rows of the [BLOCK_M * HI_P2, DI] query matrix: token r // HI_P2, index head r % HI_P2
-    r = tl.arange(0, BLOCK_M * HI_P2)
-    tok = t0 + pid_m * BLOCK_M + r // HI_P2
-    head = r % HI_P2
-    rmask = (tok < t1) & (head < HI)
-    d = tl.arange(0, BLOCK_DI)
-    q = tl.load(Q + b * sq_b + tok.to(tl.int64)[:, None] * sq_t + head[:, None] * DI + d[None, :],
-                mask=rmask[:, None] & (d[None, :] < DI), other=0.0)  # [BLOCK_M * HI_P2, BLOCK_DI]
-    w = tl.load(W + b * sw_b + tok.to(tl.int64) * sw_t + head, mask=rmask, other=0.0)
-    rows = t0 + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    valid_row = rows < t1
-    row_lo = tl.load(LO + rows, mask=valid_row, other=0)
-    row_hi = tl.load(HI_ + rows, mask=valid_row, other=0)
-    lo = tl.min(tl.where(valid_row, row_lo, 2**30))
-    hi = tl.max(row_hi)
+    row0 = t0 + pid_m * BLOCK_M
+    q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    valid_row, row_lo, row_hi, lo, hi = _row_ranges(LO, HI_, rows, t1)
     out = S + b * ss_b + (rows - t0).to(tl.int64)[:, None] * ss_r
     for j in tl.static_range(N_TILES):
         n0 = (pid_n * N_TILES + j) * BLOCK_N
         cols = n0 + tl.arange(0, BLOCK_N)
+        keys = _sample_keys(cols, STRIDE)
         smask = valid_row[:, None] & (cols[None, :] < NCOLS)
-        if (n0 < hi) & (n0 + BLOCK_N > lo):
-            kt = tl.load(K_ + b * sk_b + cols.to(tl.int64)[:, None] * sk_t + d[None, :],
-                         mask=(cols[:, None] < Tk) & (d[None, :] < DI), other=0.0)  # [BLOCK_N, BLOCK_DI]
-            dots = tl.dot(q, tl.trans(kt), input_precision=PRECISION)  # [BLOCK_M * HI_P2, BLOCK_N]
-            contrib = tl.maximum(dots, 0.0) * w[:, None]
-            scores = tl.sum(tl.reshape(contrib, (BLOCK_M, HI_P2, BLOCK_N)), 1)  # [BLOCK_M, BLOCK_N]
-            seen = (cols[None, :] >= row_lo[:, None]) & (cols[None, :] < row_hi[:, None])
+        if (n0 * STRIDE < hi) & ((n0 + BLOCK_N) * STRIDE > lo):
+            scores = _score_tile(q, w, K_ + b * sk_b, keys, sk_t, Tk, DI, BLOCK_DI, BLOCK_M, HI_P2, BLOCK_N,
+                                 PRECISION)
+            seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
             tl.store(out + cols[None, :], tl.where(seen, scores, float("-inf")), mask=smask)
         else:
             # a plain top-k over the chunk's rows may read these: they must rank below every visible key
             tl.store(out + cols[None, :], tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32), mask=smask)
+
+
+@triton.jit
+def _candidates_kernel(
+    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, t0, t1, Tk,
+    sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b,
+    HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, PRECISION: tl.constexpr,
+    PREFIX_BY_DOT: tl.constexpr = True,
+):
+    """Stream over a row block's visible keys and keep, in position order, every key scoring >= the row's
+    threshold: values and offsets (key - first visible key) into CV / CI [B, rows, CAP]; CNT counts them all,
+    also those that did not fit (CNT > CAP flags an overflow)."""
+    pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    row0 = t0 + pid_m * BLOCK_M
+    q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    valid_row, row_lo, row_hi, lo, hi = _row_ranges(LO, HI_, rows, t1)
+    tau = tl.load(TAU + b * sn_b + (rows - t0), mask=valid_row, other=float("inf"))
+    base = (rows - t0).to(tl.int64)[:, None] * sc_r + b * sc_b
+    count = tl.zeros([BLOCK_M], tl.int32)
+    j = tl.arange(0, BLOCK_N)
+    upper = (j[:, None] <= j[None, :]).to(tl.float16)  # [BLOCK_N, BLOCK_N]: keep @ upper = inclusive prefix sums
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        keys = n0 + j
+        scores = _score_tile(q, w, K_ + b * sk_b, keys, sk_t, Tk, DI, BLOCK_DI, BLOCK_M, HI_P2, BLOCK_N, PRECISION)
+        seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
+        keep = seen & (scores >= tau[:, None])
+        if PREFIX_BY_DOT:  # exact: 0/1 products summed in fp32
+            rank = tl.dot(keep.to(tl.float16), upper).to(tl.int32)
+        else:
+            rank = tl.cumsum(keep.to(tl.int32), 1)
+        slot = count[:, None] + rank - 1
+        put = keep & (slot < CAP)
+        tl.store(CV + base + slot, scores, mask=put)
+        tl.store(CI + base + slot, keys[None, :] - row_lo[:, None], mask=put)
+        count += tl.sum(keep.to(tl.int32), 1)
+    tl.store(CNT + b * sn_b + (rows - t0), count, mask=valid_row)
+
+
+@triton.jit
+def _select_candidates_kernel(
+    CV, CI, CNT, KTH, OUT, t0, sc_b, sc_r, sn_b, so_b, so_t,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, CAP: tl.constexpr,
+):
+    """Per row: the TOPK best of its candidates given the k-th best score KTH (ties towards the earlier key, as the
+    reference's stable sort), written in position order and padded with -1."""
+    r = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    n = tl.minimum(tl.load(CNT + b * sn_b + r), CAP)
+    c = tl.arange(0, CAP)
+    valid = c < n
+    vals = tl.load(CV + b * sc_b + r.to(tl.int64) * sc_r + c, mask=valid, other=float("-inf"))
+    tau = tl.where(n > TOPK, tl.load(KTH + b * sn_b + r), float("-inf"))
+    gt = valid & (vals > tau)
+    tie = valid & (vals == tau)
+    need = TOPK - tl.sum(gt.to(tl.int32))
+    sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
+    slot = tl.cumsum(sel.to(tl.int32), 0) - 1
+    out = OUT + b * so_b + (t0 + r).to(tl.int64) * so_t
+    k = tl.arange(0, TOPK_P2)
+    tl.store(out + k, tl.full([TOPK_P2], -1, tl.int64), mask=(k >= tl.minimum(n, TOPK)) & (k < TOPK))
+    idx = tl.load(CI + b * sc_b + r.to(tl.int64) * sc_r + c, mask=sel, other=0)
+    tl.store(out + slot, idx.to(tl.int64), mask=sel)
 
 
 @triton.jit
@@ -166,21 +274,24 @@ def _visible_range(Tq: int, Tk: int, cu_seqlens, device):
     return lo, hi
 
 
-def indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores, block_m=32, block_n=128, n_tiles=4, num_warps=8):
+def indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores, block_m=32, block_n=128, n_tiles=4, num_warps=8,
+                         stride=1):
     """Fill scores[:, :t1 - t0, :] with the index scores of query rows t0:t1 (only their visible keys); scores may
-    be narrower than Tk (the chunk's causal width), never wider."""
+    be narrower than Tk (the chunk's causal width), never wider. With ``stride`` > 1 (a power of 2) column c holds
+    the score of one sampled key in [c * stride, (c + 1) * stride) instead."""
     B, _, HI, DI = q.shape
     Tk = k.shape[1]
     hi_p2 = triton.next_power_of_2(HI)
     block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
     key_end = Tk - q.shape[1] + t1  # causal: the chunk sees no key past its last row
-    grid = (triton.cdiv(t1 - t0, block_m), triton.cdiv(key_end, block_n * n_tiles), B)
+    grid = (triton.cdiv(t1 - t0, block_m), triton.cdiv(triton.cdiv(key_end, stride), block_n * n_tiles), B)
     _index_scores_kernel[grid](
         q, k, w, scores, lo, hi, t0, t1, Tk, scores.shape[-1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), scores.stride(0),
         scores.stride(1),
         HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
-        N_TILES=n_tiles, PRECISION="tf32x3" if q.dtype == torch.float32 else None, num_warps=num_warps,
+        N_TILES=n_tiles, PRECISION="tf32x3" if q.dtype == torch.float32 else None, STRIDE=stride,
+        num_warps=num_warps,
     )
 
 
@@ -196,20 +307,102 @@ def radix_topk_chunk(scores, lo, hi, t0, t1, out, topk, block=1024, num_warps=8,
 def torch_topk_chunk(scores, lo, t0, t1, key_end, out, topk):
     """Same contract as radix_topk_chunk, through torch.topk (invisible keys already hold -inf)."""
     kk = min(topk, key_end)
-    vals, idx = torch.topk(scores[:, : t1 - t0, :key_end], kk, dim=-1, sorted=True)  # [B, c, kk]
+    vals, idx = torch.topk(scores[:, : t1 - t0, :key_end], kk, dim=-1, sorted=False)  # [B, c, kk]
     idx = (idx - lo[t0:t1, None]).masked_fill_(vals == float("-inf"), -1)
-    out[:, t0:t1, :kk] = idx
+    out[:, t0:t1, :kk] = position_order(idx)
     out[:, t0:t1, kk:] = -1
 
 
-def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_budget=None, select="torch"):
-    """Backend entry point with the op's signature (minus ``backend``): int64 indices [B, Tq, topk].
+def threshold_plan(topk: int):
+    """(sample stride S, sample rank r, candidate capacity CAP) of the threshold selection.
 
-    ``select``: ``"torch"`` (torch.topk on the chunk's scores; the default, since it measured faster on an H100)
-    or ``"radix"`` / ``"radix11"`` (the radix-select kernel with 8- or 11-bit digits).
+    Each row's r-th best sampled score (one key in S) is its threshold: the top-k keys hold about topk / S samples
+    and the best CAP keys about CAP / S, so r sits the same number of standard deviations (~3.3 for topk 2048)
+    from both, and a row falls back to the exact path (too few candidates, or more than CAP) about once in
+    a thousand rows."""
+    cap = triton.next_power_of_2(2 * topk)
+    stride = max(1, triton.next_power_of_2(topk // 64 + 1) // 2)  # ~64-128 samples inside the true top-k
+    lo, hi = topk / stride, cap / stride
+    rank = int(round((lo * hi ** 0.5 + hi * lo ** 0.5) / (lo ** 0.5 + hi ** 0.5)))
+    return stride, rank, cap
+
+
+def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, block_n=64, num_warps=8,
+                         prefix_by_dot=True):
+    """out[:, t0:t1] by threshold selection, never writing a [rows, keys] score block: per row a threshold from a
+    stratified sample of its scores, one streaming pass that keeps the keys above it (in position order), then
+    the exact top-k of those candidates. Rows whose threshold missed (fewer than topk candidates, or more than
+    CAP) are redone exactly (returned for `exact_rows`)."""
+    B, Tq, HI, DI = q.shape
+    Tk, c = k.shape[1], t1 - t0
+    stride, rank, cap = threshold_plan(topk)
+    key_end = Tk - Tq + t1
+    n_samples = triton.cdiv(key_end, stride)
+    samples = bufs["samples"][: B * c * n_samples].view(B, c, n_samples)
+    indexer_scores_chunk(q, k, w, lo, hi, t0, t1, samples, stride=stride)
+    if n_samples >= rank:
+        tau = torch.topk(samples, rank, dim=-1, sorted=True).values[..., -1].contiguous()  # [B, c]
+    else:
+        tau = torch.full((B, c), float("-inf"), device=q.device)
+    cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
+    cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
+    count = bufs["count"][: B * c].view(B, c)
+    hi_p2 = triton.next_power_of_2(HI)
+    block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
+    _candidates_kernel[(triton.cdiv(c, block_m), B)](
+        q, k, w, tau, lo, hi, cand_v, cand_i, count, t0, t1, Tk,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
+        cand_v.stride(1), count.stride(0),
+        HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
+        CAP=cap, PRECISION="tf32x3" if q.dtype == torch.float32 else None, PREFIX_BY_DOT=prefix_by_dot,
+        num_warps=num_warps,
+    )
+    # the k-th best candidate score of each row (slots past a row's count hold -inf)
+    filled = torch.arange(cap, device=q.device) < count[..., None].clamp(max=cap)
+    kth = torch.topk(cand_v.masked_fill_(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
+    _select_candidates_kernel[(c, B)](
+        cand_v, cand_i, count, kth, out, t0, cand_v.stride(0), cand_v.stride(1), count.stride(0), out.stride(0),
+        out.stride(1), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), CAP=cap, num_warps=4,
+    )
+    visible = (hi[t0:t1] - lo[t0:t1]).clamp(max=topk)
+    missed = (count > cap) | (count < visible)
+    return missed.nonzero()  # [n, 2]: (b, row within the chunk)
+
+
+def exact_rows(q, k, w, lo, hi, rows, out, topk, budget=1 << 26):
+    """Redo out[b, t] for the given (b, t) pairs in PyTorch: the full score row, a stable sort (ties towards the
+    earlier key, as the reference), then position order."""
+    Tk, HI = k.shape[1], q.shape[2]
+    step = max(1, budget // max(1, HI * Tk))
+    keys = torch.arange(Tk, device=q.device)
+    kk = min(topk, Tk)
+    for b in rows[:, 0].unique().tolist():
+        ts = rows[rows[:, 0] == b, 1]
+        for i in range(0, len(ts), step):
+            t = ts[i:i + step]
+            logits = torch.einsum("nhd,sd->nhs", q[b, t].float(), k[b].float()).relu()
+            s = torch.einsum("nhs,nh->ns", logits, w[b, t])
+            seen = (keys[None, :] >= lo[t, None]) & (keys[None, :] < hi[t, None])
+            vals, idx = s.masked_fill(~seen, float("-inf")).sort(dim=-1, descending=True, stable=True)
+            idx = (idx[:, :kk] - lo[t, None]).masked_fill(vals[:, :kk] == float("-inf"), -1)
+            out[b, t, :kk] = position_order(idx)
+            out[b, t, kk:] = -1
+
+
+def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_budget=None, select="auto"):
+    """Backend entry point with the op's signature (minus ``backend``): int64 indices [B, Tq, topk], each row's
+    valid indices in position order, then -1.
+
+    ``select``: ``"threshold"`` (sampled threshold, streaming candidate pass, exact top-k of the candidates; memory
+    O(rows x 2 topk), no score block), ``"torch"`` (the chunk's full scores, then torch.topk), ``"radix"`` /
+    ``"radix11"`` (full scores, then the radix-select kernel with 8- or 11-bit digits), or ``"auto"``: threshold
+    when topk >= 256 (where sampling has room to pay), else torch.
     """
-    if select not in ("torch", "radix", "radix11"):
-        raise ValueError(f"indexer_topk_triton: select must be 'torch', 'radix' or 'radix11', got {select!r}")
+    if select not in ("auto", "threshold", "torch", "radix", "radix11"):
+        raise ValueError(f"indexer_topk_triton: select must be 'auto', 'threshold', 'torch', 'radix' or 'radix11', "
+                         f"got {select!r}")
+    if select == "auto":
+        select = "threshold" if topk >= 256 else "torch"
     B, Tq = q_idx.shape[:2]
     Tk = k_idx.shape[1]
     q = q_idx.contiguous()
@@ -220,6 +413,20 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
         return out
     lo, hi = _visible_range(Tq, Tk, cu_seqlens, q.device)
     budget = SCORE_BUDGET if score_budget is None else score_budget
+    if select == "threshold":
+        stride, _, cap = threshold_plan(topk)
+        chunk = max(1, min(Tq, budget // max(1, 2 * B * cap)))
+        bufs = {"samples": torch.empty(B * chunk * triton.cdiv(Tk, stride), device=q.device),
+                "values": torch.empty(B * chunk * cap, device=q.device),
+                "offsets": torch.empty(B * chunk * cap, device=q.device, dtype=torch.int32),
+                "count": torch.empty(B * chunk, device=q.device, dtype=torch.int32)}
+        for t0 in range(0, Tq, chunk):
+            t1 = min(Tq, t0 + chunk)
+            missed = threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs)
+            if missed.numel():
+                STATS["exact_rows"] += missed.shape[0]
+                exact_rows(q, k, w, lo, hi, missed + torch.tensor([0, t0], device=q.device), out, topk)
+        return out
     chunk = max(1, min(Tq, budget // max(1, B * Tk)))
     buf = torch.empty(B * chunk * Tk, device=q.device, dtype=torch.float32)
     for t0 in range(0, Tq, chunk):
@@ -231,4 +438,5 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
             torch_topk_chunk(scores, lo, t0, t1, Tk - Tq + t1, out, topk)
         else:
             radix_topk_chunk(scores, lo, hi, t0, t1, out, topk, digit_bits=8 if select == "radix" else 11)
+            out[:, t0:t1] = position_order(out[:, t0:t1])
     return out
