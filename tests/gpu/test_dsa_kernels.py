@@ -144,7 +144,7 @@ INDEX_CASES = [
     (1, 100, 100, 4, 64, 128, BF16, None),  # topk > T: every row keeps all it sees
     (1, 257, 257, 3, 32, 16, torch.float32, None),  # fp32, odd head count
     (1, 4096, 4096, 4, 64, 2048, BF16, None),  # V3.2's topk on long rows
-    # topk >= 256 takes the threshold selection (sampled threshold, candidate pass, top-k of the candidates)
+    # longer rows than the threshold selection's candidate buffer (2 topk rounded up to a power of 2)
     (2, 1500, 1500, 4, 64, 256, BF16, None),
     (1, 600, 2000, 4, 64, 256, BF16, None),  # Tq < Tk
     (1, 2500, 2500, 4, 64, 256, BF16, [0, 700, 1900, 1950, 2500]),  # documents shorter and longer than CAP
@@ -152,13 +152,19 @@ INDEX_CASES = [
 ]
 
 
+@pytest.mark.parametrize("select", ["auto", "threshold"])
 @pytest.mark.parametrize("B, Tq, Tk, HI, DI, topk, dtype, cu", INDEX_CASES)
-def test_indexer_topk_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu):
+def test_indexer_topk_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, select):
+    from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
+
     gen = torch.Generator(device="cuda").manual_seed(Tq + topk)
     q, k, w = make_index_inputs(B, Tq, Tk, HI, DI, dtype, gen)
     cu_t = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
     poison_allocator()
-    idx = ops.lightning_indexer_topk(q, k, w, topk, cu_seqlens=cu_t, backend="triton")
+    if select == "auto":  # through the op, as the model calls it
+        idx = ops.lightning_indexer_topk(q, k, w, topk, cu_seqlens=cu_t, backend="triton")
+    else:
+        idx = indexer_topk_triton(q, k, w, topk, cu_seqlens=cu_t, select=select)
     scores = ops.lightning_indexer_scores(q.float(), k.float(), w, cu_seqlens=cu_t)
     check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
 
@@ -204,12 +210,32 @@ def test_threshold_selection_falls_back_to_exact_rows(monkeypatch, plan):
 
 def test_threshold_selection_equals_reference_on_exact_ties():
     """Keys scoring exactly 0 tie; the threshold selection keeps the earliest tied keys like the reference."""
+    from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
+
     gen = torch.Generator(device="cuda").manual_seed(12)
     T, topk = 3000, 512
     q, k, w = make_index_inputs(1, T, T, 4, 64, BF16, gen)
     w = w.abs()  # scores >= 0: zero keys and keys every head's relu zeroes score exactly 0, so rows shorter
     k[:, ::3] = 0  # than ~800 tokens have their k-th score inside a tie at 0
-    got = ops.lightning_indexer_topk(q, k, w, topk, backend="triton")
+    got = indexer_topk_triton(q, k, w, topk, select="threshold")
+    want = ops.lightning_indexer_topk(q.float(), k.float(), w, topk, backend="reference")
+    assert (got == want).all(-1).float().mean() > 0.99
+
+
+def test_threshold_selection_keeps_large_ties_on_the_fast_path():
+    """Rows whose weights are all negative score <= 0, with thousands of keys tied at exactly 0 (more than CAP):
+    only the first topk tied keys become candidates, so those rows need no exact fallback and the earliest ties
+    are kept, as the reference keeps them."""
+    from hybrid_lm.ops.triton import indexer_topk as it
+
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    T, topk = 4096, 256
+    q, k, w = make_index_inputs(1, T, T, 4, 64, BF16, gen)
+    w = -w.abs()
+    k[:, ::4] = 0
+    it.STATS["exact_rows"] = 0
+    got = it.indexer_topk_triton(q, k, w, topk, select="threshold")
+    assert it.STATS["exact_rows"] <= T // 100  # without the tie cap every row past ~2,000 tokens overflowed CAP
     want = ops.lightning_indexer_topk(q.float(), k.float(), w, topk, backend="reference")
     assert (got == want).all(-1).float().mean() > 0.99
 

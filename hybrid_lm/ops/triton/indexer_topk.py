@@ -117,15 +117,16 @@ def _index_scores_kernel(
 
 @triton.jit
 def _candidates_kernel(
-    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, t0, t1, Tk,
+    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, TOT, t0, t1, Tk,
     sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, PRECISION: tl.constexpr,
-    PREFIX_BY_DOT: tl.constexpr = True,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Stream over a row block's visible keys and keep, in position order, every key scoring >= the row's
-    threshold: values and offsets (key - first visible key) into CV / CI [B, rows, CAP]; CNT counts them all,
-    also those that did not fit (CNT > CAP flags an overflow)."""
+    """Stream over a row block's visible keys and keep, in position order, every key scoring above the row's
+    threshold and the first TOPK keys scoring exactly the threshold (no later tie can be selected: the reference
+    keeps the earliest): values and offsets (key - first visible key) into CV / CI [B, rows, CAP]. CNT counts the
+    kept keys, also those that did not fit (CNT > CAP: overflow); TOT counts every key at or above the threshold
+    (TOT < min(topk, visible keys): the threshold was too high)."""
     pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row0 = t0 + pid_m * BLOCK_M
     q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
@@ -134,23 +135,30 @@ def _candidates_kernel(
     tau = tl.load(TAU + b * sn_b + (rows - t0), mask=valid_row, other=float("inf"))
     base = (rows - t0).to(tl.int64)[:, None] * sc_r + b * sc_b
     count = tl.zeros([BLOCK_M], tl.int32)
+    total = tl.zeros([BLOCK_M], tl.int32)
+    ties = tl.zeros([BLOCK_M], tl.int32)
     j = tl.arange(0, BLOCK_N)
-    upper = (j[:, None] <= j[None, :]).to(tl.float16)  # [BLOCK_N, BLOCK_N]: keep @ upper = inclusive prefix sums
+    # prefix sums along a tile's rows as a product with an upper-triangular ones matrix (exact: 0/1 products summed
+    # in fp32). tl.cumsum along axis 1 of the tile gave wrong sums on an H100 (triton 3.6, bf16 inputs).
+    upper = (j[:, None] <= j[None, :]).to(tl.float16)
     for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         keys = n0 + j
         scores = _score_tile(q, w, K_ + b * sk_b, keys, sk_t, Tk, DI, BLOCK_DI, BLOCK_M, HI_P2, BLOCK_N, PRECISION)
         seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        keep = seen & (scores >= tau[:, None])
-        if PREFIX_BY_DOT:  # exact: 0/1 products summed in fp32
-            rank = tl.dot(keep.to(tl.float16), upper).to(tl.int32)
-        else:
-            rank = tl.cumsum(keep.to(tl.int32), 1)
-        slot = count[:, None] + rank - 1
+        gt = seen & (scores > tau[:, None])
+        eq = seen & (scores == tau[:, None])
+        tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
+        keep = gt | (eq & (tie_rank <= TOPK))
+        slot = count[:, None] + tl.dot(keep.to(tl.float16), upper).to(tl.int32) - 1
         put = keep & (slot < CAP)
         tl.store(CV + base + slot, scores, mask=put)
         tl.store(CI + base + slot, keys[None, :] - row_lo[:, None], mask=put)
         count += tl.sum(keep.to(tl.int32), 1)
+        n_eq = tl.sum(eq.to(tl.int32), 1)
+        ties += n_eq
+        total += tl.sum(gt.to(tl.int32), 1) + n_eq
     tl.store(CNT + b * sn_b + (rows - t0), count, mask=valid_row)
+    tl.store(TOT + b * sn_b + (rows - t0), total, mask=valid_row)
 
 
 @triton.jit
@@ -318,8 +326,10 @@ def threshold_plan(topk: int):
 
     Each row's r-th best sampled score (one key in S) is its threshold: the top-k keys hold about topk / S samples
     and the best CAP keys about CAP / S, so r sits the same number of standard deviations (~3.3 for topk 2048)
-    from both, and a row falls back to the exact path (too few candidates, or more than CAP) about once in
-    a thousand rows."""
+    from both, and a row falls back to the exact path (too few keys at or above its threshold, or more than CAP
+    candidates) about once in a thousand rows on random scores. Rows whose top-k lies inside a large exact tie
+    (e.g. the zeros of a row whose index head weights are all negative) stay on the fast path: only the first
+    topk tied keys become candidates."""
     cap = triton.next_power_of_2(2 * topk)
     stride = max(1, triton.next_power_of_2(topk // 64 + 1) // 2)  # ~64-128 samples inside the true top-k
     lo, hi = topk / stride, cap / stride
@@ -327,12 +337,11 @@ def threshold_plan(topk: int):
     return stride, rank, cap
 
 
-def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, block_n=64, num_warps=8,
-                         prefix_by_dot=True):
+def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, block_n=64, num_warps=8):
     """out[:, t0:t1] by threshold selection, never writing a [rows, keys] score block: per row a threshold from a
     stratified sample of its scores, one streaming pass that keeps the keys above it (in position order), then
-    the exact top-k of those candidates. Rows whose threshold missed (fewer than topk candidates, or more than
-    CAP) are redone exactly (returned for `exact_rows`)."""
+    the exact top-k of those candidates. Rows whose threshold missed (fewer than topk keys at or above it, or
+    more than CAP candidates) are returned, (b, row in chunk), for `exact_rows`."""
     B, Tq, HI, DI = q.shape
     Tk, c = k.shape[1], t1 - t0
     stride, rank, cap = threshold_plan(topk)
@@ -347,15 +356,15 @@ def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, b
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
     count = bufs["count"][: B * c].view(B, c)
+    total = bufs["total"][: B * c].view(B, c)
     hi_p2 = triton.next_power_of_2(HI)
     block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
     _candidates_kernel[(triton.cdiv(c, block_m), B)](
-        q, k, w, tau, lo, hi, cand_v, cand_i, count, t0, t1, Tk,
+        q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, Tk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
         cand_v.stride(1), count.stride(0),
         HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAP=cap, PRECISION="tf32x3" if q.dtype == torch.float32 else None, PREFIX_BY_DOT=prefix_by_dot,
-        num_warps=num_warps,
+        CAP=cap, TOPK=topk, PRECISION="tf32x3" if q.dtype == torch.float32 else None, num_warps=num_warps,
     )
     # the k-th best candidate score of each row (slots past a row's count hold -inf)
     filled = torch.arange(cap, device=q.device) < count[..., None].clamp(max=cap)
@@ -365,7 +374,7 @@ def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, b
         out.stride(1), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), CAP=cap, num_warps=4,
     )
     visible = (hi[t0:t1] - lo[t0:t1]).clamp(max=topk)
-    missed = (count > cap) | (count < visible)
+    missed = (count > cap) | (total < visible)
     return missed.nonzero()  # [n, 2]: (b, row within the chunk)
 
 
@@ -396,13 +405,15 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
     ``select``: ``"threshold"`` (sampled threshold, streaming candidate pass, exact top-k of the candidates; memory
     O(rows x 2 topk), no score block), ``"torch"`` (the chunk's full scores, then torch.topk), ``"radix"`` /
     ``"radix11"`` (full scores, then the radix-select kernel with 8- or 11-bit digits), or ``"auto"``: threshold
-    when topk >= 256 (where sampling has room to pay), else torch.
+    when topk >= 256 and there are at least 8 x topk keys, else torch (on an H100 at topk 2048, threshold was
+    1.15x faster at 16k and 1.29x at 64k, 1.46x slower at 4k where every row fits in the candidate buffer;
+    BENCHMARKS.md).
     """
     if select not in ("auto", "threshold", "torch", "radix", "radix11"):
         raise ValueError(f"indexer_topk_triton: select must be 'auto', 'threshold', 'torch', 'radix' or 'radix11', "
                          f"got {select!r}")
     if select == "auto":
-        select = "threshold" if topk >= 256 else "torch"
+        select = "threshold" if topk >= 256 and k_idx.shape[1] >= 8 * topk else "torch"
     B, Tq = q_idx.shape[:2]
     Tk = k_idx.shape[1]
     q = q_idx.contiguous()
@@ -419,7 +430,8 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
         bufs = {"samples": torch.empty(B * chunk * triton.cdiv(Tk, stride), device=q.device),
                 "values": torch.empty(B * chunk * cap, device=q.device),
                 "offsets": torch.empty(B * chunk * cap, device=q.device, dtype=torch.int32),
-                "count": torch.empty(B * chunk, device=q.device, dtype=torch.int32)}
+                "count": torch.empty(B * chunk, device=q.device, dtype=torch.int32),
+                "total": torch.empty(B * chunk, device=q.device, dtype=torch.int32)}
         for t0 in range(0, Tq, chunk):
             t1 = min(Tq, t0 + chunk)
             missed = threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs)
