@@ -2,6 +2,7 @@
 # GPU tests of the Triton DSA kernels and the fla mixers, then the benchmarks, logs and JSON into $OUT. The whole
 # list takes longer than one 10-minute device call: pick parts with ONLY (e.g. ONLY="tests kl model"; default all).
 # Run from the repository root, after `source .gpu/bN/env.sh` when fla / flash-attn-4 travel as wheel bundles.
+# Arguments per part: LAYER_ARGS, MODEL_ARGS (e.g. MODEL_ARGS="--configs gdn-dsa-350m dense-350m --T 32768").
 #   bash benchmarks/run_gpu.sh [PYTEST_WHEELS_DIR]
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -32,6 +33,6 @@ fi
 if want topk; then timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py > "$OUT/topk.log" 2>&1; tail -12 "$OUT/topk.log"; fi
 if want kl; then timeout ${KL_TIMEOUT:-150} python3 bench_indexer_kl.py > "$OUT/kl.log" 2>&1; tail -16 "$OUT/kl.log"; fi
 if want model; then
-  timeout ${MODEL_TIMEOUT:-400} python3 bench_model.py --out "$OUT/model.json" > "$OUT/model.log" 2>&1
+  timeout ${MODEL_TIMEOUT:-400} python3 bench_model.py ${MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/model.log" 2>&1
   grep -v "^{" "$OUT/model.log" | tail -40 | cut -c1-200
 fi
