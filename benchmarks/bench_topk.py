@@ -8,7 +8,7 @@ Scores: the Triton index-score kernel's output for the last R query rows of a T-
 selection) with each selection, against the chunked PyTorch reference on the GPU; the threshold selection's
 rows are checked against torch.topk's (same index sets) and its exact-fallback rows counted.
 
-    python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096]
+    python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096] [--stages]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 from common import bench_ms, guarded, print_table, row, save
 
 from hybrid_lm.ops.indexer import _topk_reference
@@ -77,12 +78,44 @@ def whole(T, rows):
         rows.append(row("indexer_topk", "reference(torch, GPU)", T, fwd_ms=ms_ref))
 
 
+def stages(T, R, rows):
+    """The threshold selection's steps on the last R query rows, timed one by one."""
+    q, k, w = inputs(T)
+    lo, hi = it._visible_range(T, T, None, q.device)
+    t0, t1 = T - R, T
+    stride, _, cap = it.threshold_plan(TOPK)
+    bufs = {"samples": torch.empty(R * triton.cdiv(T, stride), device="cuda"),
+            "values": torch.empty(R * cap, device="cuda"),
+            "offsets": torch.empty(R * cap, device="cuda", dtype=torch.int32),
+            "count": torch.empty(R, device="cuda", dtype=torch.int32),
+            "total": torch.empty(R, device="cuda", dtype=torch.int32)}
+    out = torch.empty(1, T, TOPK, device="cuda", dtype=torch.int64)
+    tau = it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK, bufs["samples"])
+    cand = it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs)
+    steps = {
+        "thresholds (sampled scores + torch.topk)": lambda: it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK,
+                                                                             bufs["samples"]),
+        "candidate pass": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
+        "k-th candidate + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK),
+        "whole chunk": lambda: it.threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, TOPK, bufs),
+    }
+    for name, fn in steps.items():
+        rows.append(row("threshold_stage", name, T, fwd_ms=bench_ms(fn), rows=R))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--rows", type=int, default=4096)
+    ap.add_argument("--stages", action="store_true", help="only time the threshold selection's steps")
     args = ap.parse_args()
     rows = []
+    if args.stages:
+        for T in args.T:
+            guarded(rows, "threshold_stage", lambda: stages(T, min(args.rows, T), rows))
+        save(rows, "topk-stages")
+        print_table(rows, cols=("op", "impl", "T", "rows", "fwd_ms"))
+        return
     for T in args.T:
         guarded(rows, "topk_selection", lambda: selection(T, min(args.rows, T), rows))
         torch.cuda.empty_cache()

@@ -30,7 +30,11 @@ if want sparse; then
   tail -6 "$OUT/order.log"
   timeout ${SPARSE_TIMEOUT:-90} python3 bench_sparse_attention.py > "$OUT/sparse.log" 2>&1; tail -22 "$OUT/sparse.log"
 fi
-if want topk; then timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py > "$OUT/topk.log" 2>&1; tail -12 "$OUT/topk.log"; fi
+if want topk; then
+  timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py > "$OUT/topk.log" 2>&1; tail -12 "$OUT/topk.log"
+  timeout ${TOPK_TIMEOUT:-70} python3 bench_topk.py --stages --T 65536 131072 --rows 32768 > "$OUT/topk-stages.log" 2>&1
+  tail -10 "$OUT/topk-stages.log"
+fi
 if want kl; then timeout ${KL_TIMEOUT:-150} python3 bench_indexer_kl.py > "$OUT/kl.log" 2>&1; tail -16 "$OUT/kl.log"; fi
 if want model; then
   timeout ${MODEL_TIMEOUT:-400} python3 bench_model.py ${MODEL_ARGS:-} --out "$OUT/model.json" > "$OUT/model.log" 2>&1

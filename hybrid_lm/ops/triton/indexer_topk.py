@@ -337,22 +337,23 @@ def threshold_plan(topk: int):
     return stride, rank, cap
 
 
-def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, block_n=64, num_warps=8):
-    """out[:, t0:t1] by threshold selection, never writing a [rows, keys] score block: per row a threshold from a
-    stratified sample of its scores, one streaming pass that keeps the keys above it (in position order), then
-    the exact top-k of those candidates. Rows whose threshold missed (fewer than topk keys at or above it, or
-    more than CAP candidates) are returned, (b, row in chunk), for `exact_rows`."""
-    B, Tq, HI, DI = q.shape
-    Tk, c = k.shape[1], t1 - t0
-    stride, rank, cap = threshold_plan(topk)
-    key_end = Tk - Tq + t1
-    n_samples = triton.cdiv(key_end, stride)
-    samples = bufs["samples"][: B * c * n_samples].view(B, c, n_samples)
+def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
+    """[B, rows] threshold of each query row t0:t1: the r-th best of its sampled scores (-inf when a row has
+    fewer than r visible samples: it keeps every key)."""
+    B, Tq = q.shape[:2]
+    stride, rank, _ = threshold_plan(topk)
+    n_samples = triton.cdiv(k.shape[1] - Tq + t1, stride)
+    samples = buf[: B * (t1 - t0) * n_samples].view(B, t1 - t0, n_samples)
     indexer_scores_chunk(q, k, w, lo, hi, t0, t1, samples, stride=stride)
-    if n_samples >= rank:
-        tau = torch.topk(samples, rank, dim=-1, sorted=True).values[..., -1].contiguous()  # [B, c]
-    else:
-        tau = torch.full((B, c), float("-inf"), device=q.device)
+    if n_samples < rank:
+        return torch.full((B, t1 - t0), float("-inf"), device=q.device)
+    return torch.topk(samples, rank, dim=-1, sorted=True).values[..., -1].contiguous()
+
+
+def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_n=64, num_warps=8):
+    """Candidate values, offsets [B, rows, CAP] and the counts `count` (kept) and `total` (at or above tau)."""
+    B, _, HI, DI = q.shape
+    c, cap = t1 - t0, threshold_plan(topk)[2]
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
     count = bufs["count"][: B * c].view(B, c)
@@ -360,21 +361,37 @@ def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs, block_m=32, b
     hi_p2 = triton.next_power_of_2(HI)
     block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
     _candidates_kernel[(triton.cdiv(c, block_m), B)](
-        q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, Tk,
+        q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
         cand_v.stride(1), count.stride(0),
         HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
         CAP=cap, TOPK=topk, PRECISION="tf32x3" if q.dtype == torch.float32 else None, num_warps=num_warps,
     )
+    return cand_v, cand_i, count, total
+
+
+def select_candidates(cand_v, cand_i, count, t0, out, topk):
+    """out[:, t0:t0 + rows]: each row's topk best candidates, in position order, -1 padded."""
+    B, c, cap = cand_v.shape
     # the k-th best candidate score of each row (slots past a row's count hold -inf)
-    filled = torch.arange(cap, device=q.device) < count[..., None].clamp(max=cap)
+    filled = torch.arange(cap, device=cand_v.device) < count[..., None].clamp(max=cap)
     kth = torch.topk(cand_v.masked_fill_(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
     _select_candidates_kernel[(c, B)](
         cand_v, cand_i, count, kth, out, t0, cand_v.stride(0), cand_v.stride(1), count.stride(0), out.stride(0),
         out.stride(1), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), CAP=cap, num_warps=4,
     )
+
+
+def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs):
+    """out[:, t0:t1] by threshold selection, never writing a [rows, keys] score block: per row a threshold from a
+    stratified sample of its scores, one streaming pass that keeps the keys above it (in position order), then
+    the exact top-k of those candidates. Rows whose threshold missed (fewer than topk keys at or above it, or
+    more than CAP candidates) are returned, (b, row in chunk), for `exact_rows`."""
+    tau = row_thresholds(q, k, w, lo, hi, t0, t1, topk, bufs["samples"])
+    cand_v, cand_i, count, total = keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs)
+    select_candidates(cand_v, cand_i, count, t0, out, topk)
     visible = (hi[t0:t1] - lo[t0:t1]).clamp(max=topk)
-    missed = (count > cap) | (total < visible)
+    missed = (count > cand_v.shape[-1]) | (total < visible)
     return missed.nonzero()  # [n, 2]: (b, row within the chunk)
 
 
