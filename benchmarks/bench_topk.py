@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-import triton
 from common import bench_ms, guarded, print_table, row, save
 
 from hybrid_lm.ops.indexer import _topk_reference
@@ -83,12 +82,7 @@ def stages(T, R, rows):
     q, k, w = inputs(T)
     lo, hi = it._visible_range(T, T, None, q.device)
     t0, t1 = T - R, T
-    stride, _, cap = it.threshold_plan(TOPK)
-    bufs = {"samples": torch.empty(R * triton.cdiv(T, stride), device="cuda"),
-            "values": torch.empty(R * cap, device="cuda"),
-            "offsets": torch.empty(R * cap, device="cuda", dtype=torch.int32),
-            "count": torch.empty(R, device="cuda", dtype=torch.int32),
-            "total": torch.empty(R, device="cuda", dtype=torch.int32)}
+    bufs = it.threshold_buffers(R, T, TOPK, q.device)
     out = torch.empty(1, T, TOPK, device="cuda", dtype=torch.int64)
     tau = it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK, bufs["samples"])
     cand = it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs)

@@ -337,6 +337,16 @@ def threshold_plan(topk: int):
     return stride, rank, cap
 
 
+def threshold_buffers(rows: int, Tk: int, topk: int, device) -> dict:
+    """Scratch for threshold selection over up to `rows` query rows (batch included) of Tk keys."""
+    stride, _, cap = threshold_plan(topk)
+    return {"samples": torch.empty(rows * triton.cdiv(Tk, stride), device=device),
+            "values": torch.empty(rows * cap, device=device),
+            "offsets": torch.empty(rows * cap, device=device, dtype=torch.int32),
+            "count": torch.empty(rows, device=device, dtype=torch.int32),
+            "total": torch.empty(rows, device=device, dtype=torch.int32)}
+
+
 def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
     """[B, rows] threshold of each query row t0:t1: the r-th best of its sampled scores (-inf when a row has
     fewer than r visible samples: it keeps every key)."""
@@ -442,13 +452,8 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
     lo, hi = _visible_range(Tq, Tk, cu_seqlens, q.device)
     budget = SCORE_BUDGET if score_budget is None else score_budget
     if select == "threshold":
-        stride, _, cap = threshold_plan(topk)
-        chunk = max(1, min(Tq, budget // max(1, 2 * B * cap)))
-        bufs = {"samples": torch.empty(B * chunk * triton.cdiv(Tk, stride), device=q.device),
-                "values": torch.empty(B * chunk * cap, device=q.device),
-                "offsets": torch.empty(B * chunk * cap, device=q.device, dtype=torch.int32),
-                "count": torch.empty(B * chunk, device=q.device, dtype=torch.int32),
-                "total": torch.empty(B * chunk, device=q.device, dtype=torch.int32)}
+        chunk = max(1, min(Tq, budget // max(1, 2 * B * threshold_plan(topk)[2])))
+        bufs = threshold_buffers(B * chunk, Tk, topk, q.device)
         for t0 in range(0, Tq, chunk):
             t1 = min(Tq, t0 + chunk)
             missed = threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs)
