@@ -1,0 +1,130 @@
+"""The Triton DSA kernels against their PyTorch references on the CPU, through the Triton interpreter.
+
+Run by tests/ops/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
+before the kernels are defined). The same checks as tests/gpu/, on shapes small enough for the interpreter:
+indexer top-k (threshold selection with its exact fallback and tie rule, full scores + torch.topk), sparse
+attention forward and backward, and both indexer KL losses with their gradients. fp32 throughout: the interpreter
+has no bf16 arithmetic of its own. Usage: python triton_interpreter_cases.py [topk|sparse|kl]...
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from hybrid_lm import ops
+from hybrid_lm.ops.backends import get_backend
+from hybrid_lm.ops.triton import indexer_topk as it
+
+torch.manual_seed(0)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).norm() / want.double().norm().clamp(min=1e-12)).item()
+
+
+def index_inputs(T, HI=4, DI=32, Tq=None, negative_rows=0, zero_keys=1):
+    Tq = T if Tq is None else Tq
+    q, k, w = torch.randn(1, Tq, HI, DI), torch.randn(1, T, DI), torch.randn(1, Tq, HI)
+    w[:, :negative_rows] = -w[:, :negative_rows].abs()  # these rows score <= 0: large ties at exactly 0
+    if zero_keys > 1:
+        k[:, ::zero_keys] = 0
+    return q, k, w
+
+
+def check_topk(name, q, k, w, topk, cu=None, plan=None, **kw):
+    """The selection must equal the reference row for row: fp32 scores agree in order here, and the threshold
+    selection breaks ties towards the earliest key like the reference. torch.topk may keep any tied keys, so for
+    it only the selected scores are compared."""
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+    default_plan = it.threshold_plan
+    if plan is not None:
+        it.threshold_plan = lambda topk: plan
+    try:
+        it.STATS["exact_rows"] = 0
+        got = it.indexer_topk_triton(q, k, w, topk, cu_seqlens=cu_t, **kw)
+    finally:
+        it.threshold_plan = default_plan
+    want = ops.lightning_indexer_topk(q, k, w, topk, cu_seqlens=cu_t, backend="reference")
+    if kw.get("select") == "torch":
+        scores = ops.lightning_indexer_scores(q, k, w, cu_seqlens=cu_t)
+        got, want = (torch.where(i >= 0, scores.gather(-1, i.clamp(min=0)), float("-inf")).sort(-1).values
+                     for i in (got, want))  # no documents in this check: offsets are positions
+    equal = (got == want).all(-1).float().mean().item()
+    print(f"topk {name}: rows equal to the reference {equal:.4f}, exact-fallback rows {it.STATS['exact_rows']}")
+    assert equal == 1.0, name
+    return it.STATS["exact_rows"]
+
+
+def case_topk():
+    q, k, w = index_inputs(300)
+    check_topk("threshold", q, k, w, 64, select="threshold")
+    check_topk("torch.topk", q, k, w, 64, select="torch")
+    check_topk("threshold, Tq < Tk", *index_inputs(500, Tq=200), 64, select="threshold")
+    check_topk("threshold, documents", *index_inputs(400), 40, cu=[0, 30, 250, 260, 400], select="threshold")
+    n = check_topk("threshold too high -> exact rows", q, k, w, 64, plan=(2, 1, 256), select="threshold")
+    assert n > 100, "the forced fallback did not happen"
+    n = check_topk("no threshold -> overflow -> exact rows", q, k, w, 64, plan=(2, 10**6, 128), select="threshold")
+    assert n > 100, "the forced fallback did not happen"
+    # every other key scores exactly 0 and half the rows only score <= 0: their top-k lies in a tie larger than
+    # the candidate buffer, which only the tie cap keeps off the exact path
+    n = check_topk("large ties", *index_inputs(400, negative_rows=200, zero_keys=2), 40, select="threshold")
+    assert n <= 4, f"{n} rows fell back: the tie cap is not working"
+
+
+def case_sparse():
+    from hybrid_lm.ops.triton.sparse_attention import sparse_attention_triton
+
+    for B, T, HQ, HKV, D, DV, K, cu in ((1, 96, 8, 2, 32, 32, 24, None), (1, 80, 4, 1, 64, 32, 16, [0, 30, 80])):
+        q = torch.randn(B, T, HQ, D, requires_grad=True)
+        k = torch.randn(B, T, HKV, D, requires_grad=True)
+        v = torch.randn(B, T, HKV, DV, requires_grad=True)
+        cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+        qi, ki, wi = index_inputs(T, HI=2, DI=16)
+        idx = ops.lightning_indexer_topk(qi, ki, wi, K, cu_seqlens=cu_t, backend="reference")
+        scale = D ** -0.5
+        o, lse = sparse_attention_triton(q, k, v, idx, scale=scale, cu_seqlens=cu_t, return_lse=True)
+        do, dlse = torch.randn_like(o), torch.randn_like(lse)
+        grads = torch.autograd.grad([o, lse], [q, k, v], [do, dlse])
+        o_r, lse_r = ops.sparse_attention(q, k, v, idx, scale=scale, cu_seqlens=cu_t, return_lse=True,
+                                          backend="reference")
+        grads_r = torch.autograd.grad([o_r, lse_r], [q, k, v], [do, dlse])
+        errs = [rel_err(o, o_r), rel_err(lse, lse_r)] + [rel_err(g, gr) for g, gr in zip(grads, grads_r)]
+        print(f"sparse attention HQ={HQ} HKV={HKV} cu={cu}: rel. errors o, lse, dq, dk, dv " +
+              " ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < 1e-4
+
+
+def case_kl():
+    for name in ("indexer_kl_dense", "indexer_kl_sparse"):
+        for cu in (None, [0, 40, 96]):
+            T, HQ, HKV, D = 96, 4, 1, 32
+            q, k = torch.randn(1, T, HQ, D), torch.randn(1, T, HKV, D)
+            leaves = [x.requires_grad_() for x in index_inputs(T, HI=2, DI=16)]
+            cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
+            extra = {}
+            if name == "indexer_kl_sparse":
+                idx = ops.lightning_indexer_topk(*[x.detach() for x in leaves], 24, cu_seqlens=cu_t,
+                                                 backend="reference")
+                lse = ops.sparse_attention(q, k, k, idx, scale=D ** -0.5, cu_seqlens=cu_t, return_lse=True,
+                                           backend="reference")[1]  # the sparse stage reads p from it
+                extra = {"indices": idx, "attn_lse": lse}
+            results = []
+            for backend in ("triton", "reference"):
+                fn = get_backend(name, backend)
+                loss = fn(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t, block=32)
+                results.append((loss, torch.autograd.grad(loss, leaves)))
+            (loss, grads), (loss_r, grads_r) = results
+            errs = [rel_err(loss, loss_r)] + [rel_err(g, gr) for g, gr in zip(grads, grads_r)]
+            print(f"{name} cu={cu}: loss {loss.item():.5f} vs {loss_r.item():.5f}; rel. errors loss, "
+                  "d q_idx, d k_idx, d weights " + " ".join(f"{e:.1e}" for e in errs))
+            assert max(errs) < 1e-4
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(CASES):
+        CASES[name]()
+    print("ok")
