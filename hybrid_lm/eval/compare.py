@@ -69,6 +69,13 @@ def load_compare_config(path: str | Path) -> CompareConfig:
         cfg.out_dir = str(Path("runs") / f"compare-{path.stem}")
     cfg.mix.validate(f"{path}: mix")
     cfg.eval.validate(f"{path}: eval")
+    if cfg.eval.pool_size is not None and cfg.eval.pool_size != cfg.mix.pool_size:
+        raise ValueError(f"{path}: eval.pool_size = {cfg.eval.pool_size} differs from mix.pool_size = "
+                         f"{cfg.mix.pool_size}: the models would be asked about key/value ids they never trained on; "
+                         "drop eval.pool_size (it follows the mix)")
+    if "mqar" in cfg.eval.tasks and cfg.eval.mqar_pairs > cfg.mix.pool_size:
+        raise ValueError(f"{path}: eval.mqar_pairs = {cfg.eval.mqar_pairs} exceeds mix.pool_size = "
+                         f"{cfg.mix.pool_size}: MQAR needs a distinct key id for every pair")
     return cfg
 
 

@@ -5,6 +5,12 @@ LM loss, their gradient noise drowns the few answer tokens and a small model nev
 budget (measured: no progress in 400 steps). Zoology (arXiv 2312.04927) trains MQAR on the answers only; so does
 this. The mask is a second stream aligned with the token stream (1 = train on this token); a shadow
 `PackedBatches` over it, with the same seed and position, yields exactly the rows of the real one.
+
+A row starts at a random offset, so its first segment is usually the tail of a document cut by the row boundary.
+For text that only shortens the context; for a recall document it may remove the keys its answers need, and
+training on those answers teaches guessing (about one document in `seq_len / length` is cut). So a row's first
+segment trains on nothing when it is part of a recall document: one with a masked token (a text document is
+all 1s, its eos included; a recall document's eos is 0).
 """
 
 from __future__ import annotations
@@ -32,6 +38,11 @@ class MaskedBatches:
     def __next__(self) -> dict:
         batch = next(self.inner)
         keep = next(self.shadow)["input_ids"] > 0  # [1, B*T]
+        T, cu = self.inner.seq_len, batch["cu_seqlens"].numpy()
+        for start in range(0, keep.shape[1], T):
+            end = int(cu[np.searchsorted(cu, start, side="right")])  # the end of the row's first segment
+            if not keep[0, start:end].all():  # a cut recall document: its keys may lie in another row
+                keep[0, start:end] = False
         batch["labels"] = batch["input_ids"].masked_fill(~keep, -100)
         return batch
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import DataConfig, PreparedData, load_tokenizer, prepare_data
 from ..data.config import token_dtype
-from .tasks import TRAIN_TASKS, Filler, RecallSample, RecallVocab, make_copy, make_mqar, make_passkey
+from .tasks import POOL_SIZE, TRAIN_TASKS, Filler, RecallSample, RecallVocab, make_copy, make_mqar, make_passkey
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 COPY_LENGTHS = (16, 64)  # copy documents stay short: there the induction circuit forms within a few hundred steps
@@ -38,6 +38,8 @@ class MixConfig:
     max_length: int = 512
     loss_mask: bool = True                # recall documents train on their answers only
     seed: int = 0
+    pool_size: int = POOL_SIZE            # MQAR key ids and, separately, value ids (`tasks.RecallVocab`)
+    max_pairs: int | None = None          # MQAR pairs per document: uniform in [1, min(length // 4, max_pairs)]
 
     def validate(self, where: str = "mix") -> None:
         if not 0 < self.recall_fraction < 1:
@@ -50,6 +52,19 @@ class MixConfig:
                              f"{list(TRAIN_TASKS)}")
         if not 16 <= self.min_length <= self.max_length:
             raise ValueError(f"{where}: need 16 <= min_length ({self.min_length}) <= max_length ({self.max_length})")
+        if self.pool_size < 8:
+            raise ValueError(f"{where}.pool_size = {self.pool_size}: must be >= 8")
+        pairs = self.max_length // 4 if self.max_pairs is None else self.max_pairs
+        if (self.max_pairs is not None and self.max_pairs < 1) or pairs > self.pool_size:
+            raise ValueError(f"{where}: MQAR documents would hold up to {pairs} pairs (max_pairs = {self.max_pairs}, "
+                             f"max_length // 4 = {self.max_length // 4}) but the key pool has {self.pool_size} ids; "
+                             "set max_pairs between 1 and pool_size")
+
+    def settings(self) -> dict:
+        """The settings a built mix is recorded with; fields added after format 2 only when they differ from their
+        defaults, so a mix built before them (e.g. one copied to a machine without the corpus) stays valid."""
+        later = {"pool_size": POOL_SIZE, "max_pairs": None}
+        return {k: v for k, v in asdict(self).items() if k not in later or v != later[k]}
 
 
 @dataclass
@@ -80,7 +95,8 @@ def _recall_documents(prepared: PreparedData, vocab: RecallVocab, cfg: MixConfig
         length = int(np.exp(rng.uniform(np.log(cfg.min_length), np.log(cfg.max_length + 1)))) - 1
         task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         if task == "mqar":  # from one pair in a sea of text to a context packed with pairs
-            sample = make_mqar(rng, length, vocab, filler, num_pairs=int(rng.integers(1, length // 4 + 1)))
+            most = length // 4 if cfg.max_pairs is None else min(length // 4, cfg.max_pairs)
+            sample = make_mqar(rng, length, vocab, filler, num_pairs=int(rng.integers(1, most + 1)))
         elif task == "passkey":
             sample = make_passkey(rng, max(length, vocab.passkey_overhead), vocab, filler)
         else:
@@ -98,13 +114,21 @@ def _answer_mask(sample: RecallSample) -> np.ndarray:
     return mask
 
 
+def trained_pool_size(source: str | Path) -> int | None:
+    """The MQAR pool size of the recall mix a data source names (its `mix-info.json`), or None if it is none."""
+    info = Path(source).with_name("mix-info.json")
+    if Path(source).name != "mix.bin" or not info.is_file():
+        return None
+    return json.loads(info.read_text())["settings"]["mix"].get("pool_size", POOL_SIZE)
+
+
 def write_recall_mix(data: DataConfig, out_dir: str | Path, cfg: MixConfig | None = None) -> RecallMix:
     """Build (or reuse, when its settings match) the mixed corpus for the text source `data` in `out_dir`."""
     cfg = cfg or MixConfig()
     cfg.validate()
     out = Path(out_dir)
     info_path = out / "mix-info.json"
-    wanted = {"data": data.to_dict(), "mix": asdict(cfg), "format": 2}
+    wanted = {"data": data.to_dict(), "mix": cfg.settings(), "format": 2}
     mask_path = out / "mix-mask.npy" if cfg.loss_mask else None
     if info_path.is_file():
         info = json.loads(info_path.read_text())
@@ -116,7 +140,7 @@ def write_recall_mix(data: DataConfig, out_dir: str | Path, cfg: MixConfig | Non
                          "passkey prompt; set data.tokenizer")
     tokenizer, tok_info = load_tokenizer(prepared.tokenizer_path)
     specials = [i for i in (prepared.eos_id, tok_info.bos_id) if i is not None]
-    vocab = RecallVocab.from_tokenizer(tokenizer, prepared.vocab_size, specials)
+    vocab = RecallVocab.from_tokenizer(tokenizer, prepared.vocab_size, specials, cfg.pool_size)
     text_docs = split_documents(prepared.train, prepared.eos_id)
     val_docs = split_documents(prepared.val, prepared.eos_id)
     if not val_docs:

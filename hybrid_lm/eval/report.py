@@ -163,7 +163,8 @@ def write_report(cfg, train_cfgs: dict, summaries: dict, mix, report_dir: Path, 
               "held-out loss is on the text corpus alone.", "", *img("loss_vs_tokens.png"),
               *img("tokens_per_s.png"), ""]
     settings = summaries[next(iter(summaries))]["settings"]
-    for task, title in (("mqar", f"MQAR accuracy ({settings['mqar_pairs']} pairs, every key asked)"),
+    pool = f", {settings['pool_size']} key and {settings['pool_size']} value ids" if settings.get("pool_size") else ""
+    for task, title in (("mqar", f"MQAR accuracy ({settings['mqar_pairs']} pairs{pool}, every key asked)"),
                         ("passkey", "Passkey retrieval accuracy (5 digits, exact match)")):
         table = _recall_table(summaries, task)
         if table:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,8 @@ from ..utils.files import sha256_file
 from .plots import plot_tasks
 from .results import CellStore
 from .scoring import dsa_topk, dsa_topks, perplexity, recall_correct
-from .tasks import Filler, RecallVocab, make_sample
+from .mix import trained_pool_size
+from .tasks import POOL_SIZE, Filler, RecallVocab, make_sample
 
 EVAL_TASKS = ("perplexity", "mqar", "passkey", "dsa_topk")
 RECALL_TASKS = ("mqar", "passkey")
@@ -37,6 +38,8 @@ class EvalConfig:
     lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048, 4096, 8192, 16384])
     samples: int = 16                      # recall samples per cell (MQAR asks every key of each)
     mqar_pairs: int = 16
+    pool_size: int | None = None           # MQAR key/value pool; None: the one the model trained on (its recall mix's
+                                           # mix-info.json), else tasks.POOL_SIZE
     ppl_tokens: int = 65536                # held-out tokens per perplexity cell, at most
     topks: list[int] = field(default_factory=lambda: [16, 32, 64, 128, 256, 512, 1024])
     topk_lengths: list[int] | None = None  # lengths of the top-k sweep; default: the longest of `lengths`
@@ -58,6 +61,11 @@ class EvalConfig:
         for name in ("samples", "mqar_pairs", "ppl_tokens", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{where}.{name} = {getattr(self, name)}: must be >= 1")
+        if self.pool_size is not None and self.pool_size < 8:
+            raise ValueError(f"{where}.pool_size = {self.pool_size}: must be >= 8 (or null: the training mix's)")
+        if self.pool_size is not None and "mqar" in self.tasks and self.mqar_pairs > self.pool_size:
+            raise ValueError(f"{where}.mqar_pairs = {self.mqar_pairs} exceeds pool_size = {self.pool_size}: MQAR "
+                             "needs a distinct key id for every pair")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"{where}.dtype = {self.dtype!r}: choose fp32 or bf16")
 
@@ -103,8 +111,11 @@ def plan_cells(cfg: EvalConfig, model) -> tuple[list[dict], list[str]]:
         cells += [{"task": "perplexity", "length": L, "topk": None, "ppl_tokens": cfg.ppl_tokens, **base}
                   for L in cfg.lengths]
     recall = [t for t in RECALL_TASKS if t in cfg.tasks]
+    mqar = {"mqar_pairs": cfg.mqar_pairs}
+    if cfg.pool_size not in (None, POOL_SIZE):  # the default pool is left out: cells cached before it stay valid
+        mqar["pool_size"] = cfg.pool_size
     for task in recall:
-        extra = {"mqar_pairs": cfg.mqar_pairs} if task == "mqar" else {}
+        extra = mqar if task == "mqar" else {}
         cells += [{"task": task, "length": L, "topk": None, "samples": cfg.samples, **extra, **base}
                   for L in cfg.lengths]
     if "dsa_topk" in cfg.tasks:
@@ -115,7 +126,7 @@ def plan_cells(cfg: EvalConfig, model) -> tuple[list[dict], list[str]]:
         else:
             for L in cfg.topk_lengths or [max(cfg.lengths)]:
                 for task in recall:
-                    extra = {"mqar_pairs": cfg.mqar_pairs} if task == "mqar" else {}
+                    extra = mqar if task == "mqar" else {}
                     cells += [{"task": task, "length": L, "topk": k, "samples": cfg.samples, **extra, **base}
                               for k in cfg.topks]
     return cells, notes
@@ -130,7 +141,8 @@ class _Context:
         self.vocab = None
         if any(t in cfg.tasks for t in RECALL_TASKS):
             specials = [prepared.eos_id] + ([prepared.bos_id] if prepared.bos_id is not None else [])
-            self.vocab = RecallVocab.from_tokenizer(tokenizer, prepared.vocab_size, specials)
+            self.vocab = RecallVocab.from_tokenizer(tokenizer, prepared.vocab_size, specials,
+                                                    cfg.pool_size or POOL_SIZE)
         device = torch.device(cfg.device)
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16"
                          else nullcontext())
@@ -165,6 +177,9 @@ def evaluate(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Pat
     model_dir = resolve_model_dir(path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir)
     data_cfg, seq_len = _data_config(model_dir, data)
+    if cfg.pool_size is None:  # the MQAR pool the model trained on, so that every key and value id is a known one
+        cfg = replace(cfg, pool_size=trained_pool_size(data_cfg.source) or POOL_SIZE)
+        cfg.validate()
     prepared = prepare_data(data_cfg)
     tok_path = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file() else prepared.tokenizer_path
     if tok_path is None:

@@ -44,9 +44,12 @@ class RecallVocab:
     answer_tail: tuple[int, ...]   # "."
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, vocab_size: int, special_ids=()) -> "RecallVocab":
-        """Keys and values are the last ordinary ids (the rarest BPE merges, least tied to the text): POOL_SIZE
-        each, fewer for a small vocabulary."""
+    def from_tokenizer(cls, tokenizer, vocab_size: int, special_ids=(), pool_size: int = POOL_SIZE) -> "RecallVocab":
+        """Keys and values are the last ordinary ids (the rarest BPE merges, least tied to the text): `pool_size`
+        each, fewer for a small vocabulary. Training data and evaluation must use the same pool: a smaller one
+        is learned in far fewer steps (each key and value id is seen more often), which a CPU budget needs."""
+        if pool_size < 8:
+            raise ValueError(f"pool_size = {pool_size}: MQAR needs at least 8 key ids and 8 value ids")
 
         def enc(text):
             return tuple(tokenizer.encode(text, add_special_tokens=False).ids)
@@ -56,7 +59,7 @@ class RecallVocab:
             raise ValueError("passkey needs a tokenizer that encodes each digit 0-9 as one token")
         ordinary = np.setdiff1d(np.arange(vocab_size), np.array(list(special_ids), dtype=np.int64))
         pool = np.setdiff1d(ordinary, np.array([d[0] for d in digits], dtype=np.int64))
-        size = min(POOL_SIZE, len(pool) // 4)
+        size = min(pool_size, len(pool) // 4)
         if size < 8:
             raise ValueError(f"vocab_size = {vocab_size} is too small for MQAR: need at least 32 ordinary token ids")
         return cls(ordinary=ordinary, keys=pool[-2 * size:-size], values=pool[-size:],

@@ -68,6 +68,13 @@ def test_config_errors_name_the_problem(tmp_path, model_yamls, data_cfg):
         load_compare_config(_write(tmp_path, model_yamls, data_cfg, runs={"x": "missing.yaml"}))
     with pytest.raises(ValueError, match="colour"):
         load_compare_config(_write(tmp_path, model_yamls, data_cfg, colour="blue"))
+    mix = {"recall_fraction": 0.3, "min_length": 48, "max_length": 64, "pool_size": 16}
+    evals = {"lengths": [64], "mqar_pairs": 4}
+    with pytest.raises(ValueError, match="never trained on"):  # train and eval must ask about the same ids
+        load_compare_config(_write(tmp_path, model_yamls, data_cfg, mix=mix, eval={**evals, "pool_size": 32}))
+    with pytest.raises(ValueError, match="exceeds mix.pool_size"):
+        load_compare_config(_write(tmp_path, model_yamls, data_cfg, mix=mix, eval={**evals, "mqar_pairs": 32}))
+    assert load_compare_config(_write(tmp_path, model_yamls, data_cfg, mix=mix, eval=evals)).eval.pool_size is None
 
 
 @pytest.mark.parametrize("name", ["cpu.yaml", "gpu.yaml"])

@@ -103,3 +103,27 @@ def test_without_matplotlib_the_json_is_still_written(saved_model, tmp_path, mon
     with pytest.warns(UserWarning, match="matplotlib"):
         evaluate(saved_model, cfg, out_dir=tmp_path, progress=False)
     assert (tmp_path / "results.json").is_file() and not list(tmp_path.glob("*.png"))
+
+
+def test_mqar_pool_defaults_to_the_training_mix(saved_model, tmp_path, data_cfg):
+    """A model trained on a recall mix with a small key/value pool is asked about those ids, not the default 256."""
+    from hybrid_lm.data import DataConfig
+    from hybrid_lm.eval.mix import MixConfig, write_recall_mix
+    from hybrid_lm.eval.tasks import RecallVocab
+
+    mix = write_recall_mix(data_cfg, tmp_path / "mix", MixConfig(recall_fraction=0.3, tasks={"mqar": 1.0},
+                                                                  min_length=32, max_length=64, pool_size=16))
+    data = DataConfig(source=str(mix.source), val_fraction=mix.val_fraction, cache_dir=data_cfg.cache_dir)
+    cfg = EvalConfig(**{**SMALL, "tasks": ["mqar"], "lengths": [64]})
+    seen = []
+    original = RecallVocab.from_tokenizer.__func__
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RecallVocab, "from_tokenizer",
+                   classmethod(lambda cls, *a, **k: seen.append(original(cls, *a, **k)) or seen[-1]))
+        summary = evaluate(saved_model, cfg, out_dir=tmp_path / "a", data=data, progress=False)
+        assert summary["settings"]["pool_size"] == 16 and len(seen[-1].keys) == 16
+        summary = evaluate(saved_model, EvalConfig(**{**SMALL, "tasks": ["mqar"], "lengths": [64], "pool_size": 8}),
+                           out_dir=tmp_path / "b", data=data, progress=False)  # an explicit pool wins
+        assert summary["settings"]["pool_size"] == 8 and len(seen[-1].keys) == 8
+    with pytest.raises(ValueError, match="pool_size"):
+        EvalConfig(mqar_pairs=16, pool_size=8).validate()

@@ -77,3 +77,14 @@ def test_bad_requests_raise_value_errors(vocab, filler):
         make_passkey(rng, 10, vocab, filler)
     with pytest.raises(ValueError, match="unknown recall task"):
         make_sample("needle", rng, 100, vocab, filler)
+
+
+def test_pool_size_sets_the_key_and_value_pools(prepared, filler):
+    tok, _ = load_tokenizer(prepared.tokenizer_path)
+    small = RecallVocab.from_tokenizer(tok, prepared.vocab_size, [prepared.eos_id], pool_size=8)
+    assert len(small.keys) == len(small.values) == 8 and not set(small.keys) & set(small.values)
+    s = make_mqar(np.random.default_rng(0), 32, small, filler, num_pairs=8)  # every key of the pool, once
+    assert sorted(s.input_ids[:16:2].tolist()) == sorted(small.keys.tolist())
+    assert set(s.input_ids[1:16:2].tolist()) <= set(small.values.tolist())
+    with pytest.raises(ValueError, match="pool_size"):
+        RecallVocab.from_tokenizer(tok, prepared.vocab_size, [prepared.eos_id], pool_size=4)
