@@ -98,6 +98,16 @@ def position_order(idx: torch.Tensor) -> torch.Tensor:
     return ordered.masked_fill_(ordered == big, -1)
 
 
+def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """[..., topk] int64 positions of the `topk` best of score rows [..., L] (-inf = not visible), in position
+    order, -1 padded. A stable sort breaks exact ties (common: relu zeroes whole rows of head scores) towards the
+    earlier key, so a token selects the same keys in a full forward and in cached decoding."""
+    kk = min(topk, scores.shape[-1])
+    vals, idx = scores.sort(dim=-1, descending=True, stable=True)
+    idx = position_order(idx[..., :kk].masked_fill(vals[..., :kk] == float("-inf"), -1))
+    return torch.nn.functional.pad(idx, (0, topk - kk), value=-1)
+
+
 def _topk_dense(q_idx, k_idx, weights, topk: int) -> torch.Tensor:
     B, Tq, HI, _ = q_idx.shape
     Tk = k_idx.shape[1]
@@ -110,13 +120,7 @@ def _topk_dense(q_idx, k_idx, weights, topk: int) -> torch.Tensor:
         scores = _scores(q_idx[:, t0:t1], k_idx[:, :hi], weights[:, t0:t1])  # [B, c, hi]
         q_pos = torch.arange(offset + t0, offset + t1, device=q_idx.device)
         future = torch.arange(hi, device=q_idx.device)[None, :] > q_pos[:, None]
-        scores = scores.masked_fill(future, float("-inf"))
-        kk = min(topk, hi)
-        # a stable sort breaks exact ties (common: relu zeroes whole rows of head scores) towards the earlier key,
-        # so a token selects the same keys in a full forward and in cached decoding
-        vals, idx = scores.sort(dim=-1, descending=True, stable=True)
-        vals, idx = vals[..., :kk], idx[..., :kk]  # [B, c, kk]
-        out[:, t0:t1, :kk] = position_order(idx.masked_fill(vals == float("-inf"), -1))
+        out[:, t0:t1] = select_topk(scores.masked_fill(future, float("-inf")), topk)
     return out
 
 

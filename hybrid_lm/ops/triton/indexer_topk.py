@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..indexer import position_order
+from ..indexer import _scores, position_order, select_topk
 from .sparse_attention import _doc_starts
 
 # fp32 score elements per chunk of query rows (1 GiB): bounds memory at long context
@@ -282,24 +282,29 @@ def _visible_range(Tq: int, Tk: int, cu_seqlens, device):
     return lo, hi
 
 
+def _tile_args(q, block_m: int) -> dict:
+    """Compile-time parameters shared by the index-score kernels: BLOCK_M query rows x HI_P2 heads per product (fewer
+    rows with more than 4 heads, so the product stays 128 rows)."""
+    HI, DI = q.shape[2], q.shape[3]
+    hi_p2 = triton.next_power_of_2(HI)
+    return {"HI": HI, "HI_P2": hi_p2, "DI": DI, "BLOCK_DI": max(16, triton.next_power_of_2(DI)),
+            "BLOCK_M": max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m,
+            "PRECISION": "tf32x3" if q.dtype == torch.float32 else None}
+
+
 def indexer_scores_chunk(q, k, w, lo, hi, t0, t1, scores, block_m=32, block_n=128, n_tiles=4, num_warps=8,
                          stride=1):
     """Fill scores[:, :t1 - t0, :] with the index scores of query rows t0:t1 (only their visible keys); scores may
     be narrower than Tk (the chunk's causal width), never wider. With ``stride`` > 1 (a power of 2) column c holds
     the score of one sampled key in [c * stride, (c + 1) * stride) instead."""
-    B, _, HI, DI = q.shape
-    Tk = k.shape[1]
-    hi_p2 = triton.next_power_of_2(HI)
-    block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
+    B, Tk = q.shape[0], k.shape[1]
+    args = _tile_args(q, block_m)
     key_end = Tk - q.shape[1] + t1  # causal: the chunk sees no key past its last row
-    grid = (triton.cdiv(t1 - t0, block_m), triton.cdiv(triton.cdiv(key_end, stride), block_n * n_tiles), B)
+    grid = (triton.cdiv(t1 - t0, args["BLOCK_M"]), triton.cdiv(triton.cdiv(key_end, stride), block_n * n_tiles), B)
     _index_scores_kernel[grid](
         q, k, w, scores, lo, hi, t0, t1, Tk, scores.shape[-1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), scores.stride(0),
-        scores.stride(1),
-        HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
-        N_TILES=n_tiles, PRECISION="tf32x3" if q.dtype == torch.float32 else None, STRIDE=stride,
-        num_warps=num_warps,
+        scores.stride(1), **args, BLOCK_N=block_n, N_TILES=n_tiles, STRIDE=stride, num_warps=num_warps,
     )
 
 
@@ -362,20 +367,16 @@ def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
 
 def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_n=64, num_warps=8):
     """Candidate values, offsets [B, rows, CAP] and the counts `count` (kept) and `total` (at or above tau)."""
-    B, _, HI, DI = q.shape
-    c, cap = t1 - t0, threshold_plan(topk)[2]
+    B, c, cap = q.shape[0], t1 - t0, threshold_plan(topk)[2]
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
     count = bufs["count"][: B * c].view(B, c)
     total = bufs["total"][: B * c].view(B, c)
-    hi_p2 = triton.next_power_of_2(HI)
-    block_m = max(1, block_m * 4 // hi_p2) if hi_p2 > 4 else block_m
-    _candidates_kernel[(triton.cdiv(c, block_m), B)](
+    args = _tile_args(q, block_m)
+    _candidates_kernel[(triton.cdiv(c, args["BLOCK_M"]), B)](
         q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
-        cand_v.stride(1), count.stride(0),
-        HI=HI, HI_P2=hi_p2, DI=DI, BLOCK_DI=max(16, triton.next_power_of_2(DI)), BLOCK_M=block_m, BLOCK_N=block_n,
-        CAP=cap, TOPK=topk, PRECISION="tf32x3" if q.dtype == torch.float32 else None, num_warps=num_warps,
+        cand_v.stride(1), count.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk, num_warps=num_warps,
     )
     return cand_v, cand_i, count, total
 
@@ -406,23 +407,18 @@ def threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs):
 
 
 def exact_rows(q, k, w, lo, hi, rows, out, topk, budget=1 << 26):
-    """Redo out[b, t] for the given (b, t) pairs in PyTorch: the full score row, a stable sort (ties towards the
-    earlier key, as the reference), then position order."""
+    """Redo out[b, t] for the given (b, t) pairs with the reference's scores and selection (`select_topk`)."""
     Tk, HI = k.shape[1], q.shape[2]
     step = max(1, budget // max(1, HI * Tk))
     keys = torch.arange(Tk, device=q.device)
-    kk = min(topk, Tk)
     for b in rows[:, 0].unique().tolist():
         ts = rows[rows[:, 0] == b, 1]
         for i in range(0, len(ts), step):
             t = ts[i:i + step]
-            logits = torch.einsum("nhd,sd->nhs", q[b, t].float(), k[b].float()).relu()
-            s = torch.einsum("nhs,nh->ns", logits, w[b, t])
+            s = _scores(q[b, t][None], k[b][None], w[b, t][None])[0]  # [n, Tk]
             seen = (keys[None, :] >= lo[t, None]) & (keys[None, :] < hi[t, None])
-            vals, idx = s.masked_fill(~seen, float("-inf")).sort(dim=-1, descending=True, stable=True)
-            idx = (idx[:, :kk] - lo[t, None]).masked_fill(vals[:, :kk] == float("-inf"), -1)
-            out[b, t, :kk] = position_order(idx)
-            out[b, t, kk:] = -1
+            idx = select_topk(s.masked_fill(~seen, float("-inf")), topk)
+            out[b, t] = torch.where(idx >= 0, idx - lo[t, None], -1)
 
 
 def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_budget=None, select="auto"):
