@@ -23,6 +23,11 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
     python benchmarks/bench_model.py --out $OUT/model.json                      # every default config, ~6 min
     python benchmarks/bench_model.py --configs gdn-dsa-350m dense-350m --T 4096 16384 --out model.json
     python benchmarks/bench_model.py --device cpu --tiny --out /tmp/model.json  # seconds: the CPU smoke test
+    python benchmarks/bench_model.py --configs dsa-125m --T 4096 --profile 15   # where a step's GPU time goes
+
+`--profile N` runs one more step under torch.profiler and keeps the N kernels with the most self device time
+(`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
+(`compile: true` in a training config does the same); its compile time falls into the warm-up steps.
 
 A row that fails (out of memory, a missing kernel) is recorded with its error in `note` and the run goes on; rows
 left when the `--budget-s` wall-clock budget is spent are recorded as skipped. The JSON is rewritten after every
@@ -93,6 +98,22 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def profile_step(step, device, top: int) -> list:
+    """[(kernel name, self ms, share of all kernel time)] of one step: the `top` kernels by self device time (self
+    CPU time on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        step()
+        sync(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [(e.key, getattr(e, attr) / 1e3) for e in prof.key_averages() if getattr(e, attr) > 0]
+    total = sum(ms for _, ms in events) or 1.0
+    events.sort(key=lambda e: -e[1])
+    return [(k[:120], round(ms, 3), round(ms / total, 4)) for k, ms in events[:top]]
+
+
 def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     cfg = hybrid_lm.load_config(find_config(name))
     if T > cfg.max_position_embeddings:
@@ -103,12 +124,13 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     has_dsa = any(cfg.mixer_type(t) == "dsa" for t in cfg.layer_types)
     stage = args.dsa_stage if has_dsa else "none"
     model.set_dsa_stage(stage)
+    run = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda" or None)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
     def step():
         with autocast(device):
-            out = model(ids, labels=ids, collect_metrics=False)  # no dense recall diagnostic
+            out = run(ids, labels=ids, collect_metrics=False)  # no dense recall diagnostic
         loss = out.loss.float() + (out.aux_loss.float() if stage == "sparse" else 0.0)
         loss.backward()
         opt.step()
@@ -116,7 +138,7 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
 
     def forward():
         with torch.no_grad(), autocast(device):
-            model(ids, labels=ids, collect_metrics=False)
+            run(ids, labels=ids, collect_metrics=False)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -126,11 +148,16 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     train_flops_per_token = 3.0 * model.flops_per_token(T)
     tokens_per_s = B * T / (step_ms / 1e3)
     tflops = tokens_per_s * train_flops_per_token / 1e12
-    return row(name, f"train-bf16-{stage}", T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
+    prof = profile_step(step, device, args.profile) if args.profile else None
+    if prof:
+        print(f"{name} T={T}: top kernels of one step (ms, share of kernel time)")
+        for k, ms, share in prof:
+            print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
+    return row(name, f"train-bf16-{stage}" + ("-compiled" if args.compile else ""), T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
                non_embedding_m=model.num_parameters(exclude_embeddings=True) / 1e6,
-               train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage)
+               train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage, profile=prof)
 
 
 def failed(name: str, T: int, e: BaseException) -> dict:
@@ -158,6 +185,9 @@ def main(argv=None) -> list:
     ap.add_argument("--dsa-stage", default="sparse", choices=["sparse", "none"],
                     help="DSA models: 'sparse' trains with the indexer KL as the trainer does; 'none' LM loss only")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop starting rows after this many seconds")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile one more step and keep its N costliest kernels (0: off)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
     ap.add_argument("--peak-tflops", type=float, help="the card's peak dense bf16 TFLOPS (default: from its name)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help=f"smoke mode: {' '.join(TINY_CONFIGS)} at T 32 64, "
