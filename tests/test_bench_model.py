@@ -52,3 +52,49 @@ def test_peak_tflops_follow_the_card_name(bench, monkeypatch):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert bench.peak_tflops_of(torch.device("cuda"), None) == peak
     assert bench.peak_tflops_of(torch.device("cpu"), 3.0) == 3.0
+
+
+def test_profile_keeps_the_costliest_kernels_of_a_step(bench, tmp_path):
+    out = tmp_path / "model.json"
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--profile", "4", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    names, ms, shares = zip(*r["profile"])
+    assert len(names) == 4 and list(ms) == sorted(ms, reverse=True) and all(0 < s <= 1 for s in shares)
+    assert any("mm" in n for n in names)  # a training step's time goes to matrix products first
+
+
+def _targets():
+    spec = importlib.util.spec_from_file_location("targets", SCRIPT.parent / "targets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_targets_compare_within_one_file_and_say_by_how_much(tmp_path):
+    meta = dict(card="GPU X", date="2026-12-06")
+    layer = [dict(op="dense_attention", impl="flash-attn-4", T=65536, fwdbwd_ms=100.0, **meta),
+             dict(op="dsa", impl="triton-hkv1", T=65536, fwdbwd_ms=50.0, peak_mem_gb=4.0, **meta),
+             dict(op="dense_attention", impl="flash-attn-4", T=16384, fwdbwd_ms=6.0, **meta),
+             dict(op="dsa", impl="triton-hkv1", T=16384, fwdbwd_ms=3.0, **meta),
+             dict(op="dsa_indexer_topk", impl="triton", T=65536, fwd_ms=10.0, **meta),
+             dict(op="dsa_indexer_topk", impl="triton-torch.topk", T=65536, fwd_ms=20.0, **meta)]
+    model = [dict(op="dense-350m", impl="train-bf16-none", T=32768, tokens_per_s=1000.0, **meta),
+             dict(op="gdn-dsa-350m", impl="train-bf16-sparse", T=32768, tokens_per_s=3000.0, **meta),
+             dict(op="dense-125m", impl="train-bf16-none", T=4096, mfu=0.175, **meta)]
+    paths = []
+    for name, rows in (("layer.json", layer), ("model.json", model)):
+        (tmp_path / name).write_text(json.dumps(rows))
+        paths.append(str(tmp_path / name))
+    # a baseline from another file (another run) is never used: only the model file's flash-attn-4 row here
+    (tmp_path / "other.json").write_text(json.dumps([dict(op="dsa", impl="triton-hkv1", T=131072, fwdbwd_ms=1.0)]))
+    rows = _targets().main(paths + [str(tmp_path / "other.json"), "--out", str(tmp_path / "t.json")])
+    got = {(r["impl"], r["T"]): r for r in rows}
+    at64 = got[("dsa_vs_flash_attn_4", 65536)]
+    assert at64["measured"] == 2.0 and at64["met"] is False and at64["miss_factor"] == 2.5 and at64["why"]
+    assert got[("dsa_vs_flash_attn_4", 16384)]["met"] is True and got[("dsa_vs_flash_attn_4", 16384)]["why"] is None
+    assert ("dsa_vs_flash_attn_4", 131072) not in got
+    assert got[("topk_vs_torch_topk", 65536)]["measured"] == 2.0
+    assert got[("gdn_dsa_350m_vs_dense_32k", 32768)]["met"] is True
+    assert got[("mfu_4k", 4096)]["miss_factor"] == pytest.approx(2.0) and got[("mfu_4k", 4096)]["config"] == "dense-125m"
+    assert got[("sparse_fwd_tflops", None)]["note"].startswith("not measured")
+    assert json.loads((tmp_path / "t.json").read_text()) == rows
