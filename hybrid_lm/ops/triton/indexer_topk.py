@@ -147,14 +147,16 @@ def _candidates_kernel(
         seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         gt = seen & (scores > tau[:, None])
         eq = seen & (scores == tau[:, None])
-        tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
-        keep = gt | (eq & (tie_rank <= TOPK))
+        n_eq = tl.sum(eq.to(tl.int32), 1)
+        keep = gt
+        if tl.sum(n_eq) > 0:  # exact ties with a threshold are rare but for rows of zeros: rank them only then
+            tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
+            keep = gt | (eq & (tie_rank <= TOPK))
         slot = count[:, None] + tl.dot(keep.to(tl.float16), upper).to(tl.int32) - 1
         put = keep & (slot < CAP)
         tl.store(CV + base + slot, scores, mask=put)
         tl.store(CI + base + slot, keys[None, :] - row_lo[:, None], mask=put)
         count += tl.sum(keep.to(tl.int32), 1)
-        n_eq = tl.sum(eq.to(tl.int32), 1)
         ties += n_eq
         total += tl.sum(gt.to(tl.int32), 1) + n_eq
     tl.store(CNT + b * sn_b + (rows - t0), count, mask=valid_row)
