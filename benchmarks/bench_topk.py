@@ -90,7 +90,8 @@ def stages(T, R, rows):
         "thresholds (sampled scores + torch.topk)": lambda: it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK,
                                                                              bufs["samples"]),
         "candidate pass": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
-        "k-th candidate + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK),
+        "k-th candidate (torch.topk) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK, kth="torch"),
+        "k-th candidate (in-kernel search) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK),
         "whole chunk": lambda: it.threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, TOPK, bufs),
     }
     for name, fn in steps.items():

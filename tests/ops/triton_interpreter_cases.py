@@ -71,6 +71,28 @@ def case_topk():
     # the candidate buffer, which only the tie cap keeps off the exact path
     n = check_topk("large ties", *index_inputs(400, negative_rows=200, zero_keys=2), 40, select="threshold")
     assert n <= 4, f"{n} rows fell back: the tie cap is not working"
+    check_kth_search()
+
+
+def check_kth_search():
+    """The select kernel's in-register k-th search keeps the same candidates as torch.topk's k-th: rows with fewer
+    candidates than topk, with more than the buffer, with ties at the k-th (among them -0.0 against 0.0, equal in
+    the reference) and negative scores."""
+    rows, cap, topk = 6, 64, 24
+    vals = torch.randn(1, rows, cap)
+    vals[0, 1] = vals[0, 1].round()  # many exact ties
+    vals[0, 2, ::2], vals[0, 2, 1::2] = 0.0, -0.0  # a tie of zeros of both signs
+    vals[0, 3] = -vals[0, 3].abs()
+    offsets = torch.arange(cap, dtype=torch.int32).expand(1, rows, cap).contiguous()
+    count = torch.tensor([[cap, cap, cap, 40, 10, 100]], dtype=torch.int32)  # 10 < topk; 100 > cap (overflow)
+    outs = {}
+    for kth in ("search", "torch"):
+        outs[kth] = torch.full((1, rows, topk), -7, dtype=torch.int64)
+        it.select_candidates(vals.clone(), offsets, count, 0, outs[kth], topk, kth=kth)
+    equal = (outs["search"] == outs["torch"]).all(-1)
+    print(f"topk k-th search: rows equal to torch.topk's k-th {equal.float().mean().item():.4f}")
+    assert equal.all(), equal
+    assert (outs["search"][0, 4, 10:] == -1).all() and (outs["search"][0, 2] == torch.arange(topk)).all()
 
 
 def case_sparse():

@@ -10,8 +10,9 @@ position order:
      rounded up to a power of 2 so that the threshold lands between the k-th and the CAP-th score);
   2. ``_candidates_kernel`` streams over each row block's visible keys and keeps, in position order, every key
      scoring at or above the threshold (at most CAP; the count is kept even past CAP);
-  3. ``_select_candidates_kernel`` sorts a copy of each row's candidate scores to find the k-th, then keeps the
-     keys above it and the earliest keys tied with it (the reference's tie rule), still in position order.
+  3. ``_select_candidates_kernel`` finds each row's k-th best candidate score (a bitwise search over
+     order-preserving uint32 keys, in registers), then keeps the keys above it and the earliest keys tied with it
+     (the reference's tie rule), still in position order.
   Rows whose threshold missed (fewer than topk candidates, or more than CAP) are redone exactly in PyTorch
   (``exact_rows``; about one row in a thousand on random data, counted in ``STATS``).
 - ``torch``: full score rows in chunks under a memory budget (``SCORE_BUDGET``), then ``torch.topk``.
@@ -166,19 +167,34 @@ def _candidates_kernel(
 @triton.jit
 def _select_candidates_kernel(
     CV, CI, CNT, KTH, OUT, t0, sc_b, sc_r, sn_b, so_b, so_t,
-    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, CAP: tl.constexpr,
+    TOPK: tl.constexpr, TOPK_P2: tl.constexpr, CAP: tl.constexpr, SEARCH: tl.constexpr,
 ):
-    """Per row: the TOPK best of its candidates given the k-th best score KTH (ties towards the earlier key, as the
-    reference's stable sort), written in position order and padded with -1."""
+    """Per row: the TOPK best of its candidates (ties towards the earlier key, as the reference's stable sort),
+    written in position order and padded with -1. The k-th best score is found here (SEARCH: a bitwise search
+    over order-preserving uint32 keys, 32 counting passes over the row in registers) or read from KTH."""
     r = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     n = tl.minimum(tl.load(CNT + b * sn_b + r), CAP)
     c = tl.arange(0, CAP)
     valid = c < n
     vals = tl.load(CV + b * sc_b + r.to(tl.int64) * sc_r + c, mask=valid, other=float("-inf"))
-    tau = tl.where(n > TOPK, tl.load(KTH + b * sn_b + r), float("-inf"))
-    gt = valid & (vals > tau)
-    tie = valid & (vals == tau)
+    if SEARCH:
+        # -0.0 and 0.0 tie in the reference; give them one key. The k-th key is the largest u with at least
+        # TOPK keys >= u, built bit by bit from the top.
+        none = tl.zeros([1], tl.uint32)
+        key = tl.where(valid, _ordered_key(tl.where(vals == 0.0, 0.0, vals)), none)
+        kth = none
+        for bit in tl.static_range(31, -1, -1):
+            trial = kth | tl.full([1], 1 << bit, tl.uint32)
+            ok = tl.sum((key[None, :] >= trial[:, None]).to(tl.int32), 1) >= TOPK
+            kth = tl.where(ok, trial, kth)
+        kth = tl.where(n > TOPK, kth, none)  # fewer candidates than TOPK: every one is kept
+        gt = valid & (key > kth)
+        tie = valid & (key == kth)
+    else:
+        tau = tl.where(n > TOPK, tl.load(KTH + b * sn_b + r), float("-inf"))
+        gt = valid & (vals > tau)
+        tie = valid & (vals == tau)
     need = TOPK - tl.sum(gt.to(tl.int32))
     sel = gt | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= need))
     slot = tl.cumsum(sel.to(tl.int32), 0) - 1
@@ -383,15 +399,20 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_
     return cand_v, cand_i, count, total
 
 
-def select_candidates(cand_v, cand_i, count, t0, out, topk):
-    """out[:, t0:t0 + rows]: each row's topk best candidates, in position order, -1 padded."""
+def select_candidates(cand_v, cand_i, count, t0, out, topk, kth="search"):
+    """out[:, t0:t0 + rows]: each row's topk best candidates, in position order, -1 padded. ``kth``: how the k-th
+    best candidate score is found: ``"search"`` (in the kernel) or ``"torch"`` (torch.topk over the candidates)."""
     B, c, cap = cand_v.shape
-    # the k-th best candidate score of each row (slots past a row's count hold -inf)
-    filled = torch.arange(cap, device=cand_v.device) < count[..., None].clamp(max=cap)
-    kth = torch.topk(cand_v.masked_fill_(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
+    kth_v = count  # unused by the kernel when it searches
+    if kth == "torch":  # slots past a row's count hold -inf
+        filled = torch.arange(cap, device=cand_v.device) < count[..., None].clamp(max=cap)
+        kth_v = torch.topk(cand_v.masked_fill(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
+    elif kth != "search":
+        raise ValueError(f"select_candidates: kth must be 'search' or 'torch', got {kth!r}")
     _select_candidates_kernel[(c, B)](
-        cand_v, cand_i, count, kth, out, t0, cand_v.stride(0), cand_v.stride(1), count.stride(0), out.stride(0),
-        out.stride(1), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), CAP=cap, num_warps=4,
+        cand_v, cand_i, count, kth_v, out, t0, cand_v.stride(0), cand_v.stride(1), count.stride(0), out.stride(0),
+        out.stride(1), TOPK=topk, TOPK_P2=triton.next_power_of_2(topk), CAP=cap, SEARCH=kth == "search",
+        num_warps=4,
     )
 
 
