@@ -4,6 +4,7 @@ Effective FLOPs (the issue's definition): forward 4 * T * topk * HQ * D, backwar
 causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, topk 2048, bf16. Sweeps a few
 (BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
 `--index-order`: the same index sets in position order and shuffled (top-k returns them by score).
+`--mla`: MLA's absorbed latent shapes, split head dims + values gathered from the keys' rows against the padded kernel.
 Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forward).
 
     python benchmarks/bench_sparse_attention.py [--T 16384 65536]
@@ -93,13 +94,53 @@ def index_order(T, rows):
     rows.append(row("sparse_attention_index_order", "torch.sort(rows)", T, fwd_ms=ms, hkv=1))
 
 
+MLA_SHAPES = [(12, 288, 256), (16, 576, 512)]  # (heads, latent + rotary key dims, latent value dims): the zoo's
+# deepseek-v32-125m and DeepSeek-V3.2's 576/512 latent with 16 heads
+
+
+def mla(T, rows):
+    """MLA's absorbed form (one latent KV head; values = the keys' first DV dims), forward and backward: head dims
+    split into a power-of-2 block + tail with the values gathered once from the keys' rows (sa.SPLIT_HEAD_DIM, the
+    default), against one padded block with the values gathered separately (the previous kernels), same run."""
+    for HQ_, D_, DV_ in MLA_SHAPES:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, T, HQ_, D_, device="cuda", generator=g, dtype=torch.bfloat16)
+        k = torch.randn(1, T, 1, D_, device="cuda", generator=g, dtype=torch.bfloat16)
+        v = k[..., :DV_]
+        idx = random_causal_indices(T, TOPK).int().contiguous()
+        scale = D_ ** -0.5
+        flops = 2.0 * T * TOPK * HQ_ * (D_ + DV_)
+        for split in (True, False):
+            sa.SPLIT_HEAD_DIM = split
+            try:
+                f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale))
+                o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
+                do = torch.randn_like(o)
+                b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale))
+            finally:
+                sa.SPLIT_HEAD_DIM = True
+            rows.append(row("sparse_attention_mla", "split+shared-values" if split else "padded+separate-values", T,
+                            fwd_ms=f_ms, bwd_ms=b_ms, fwdbwd_ms=f_ms + b_ms, tflops=flops / f_ms / 1e9, heads=HQ_,
+                            d_qk=D_, d_v=DV_))
+            print(rows[-1], flush=True)
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--index-order", action="store_true",
                     help="only compare position-ordered with shuffled index rows (and the cost of sorting them)")
+    ap.add_argument("--mla", action="store_true", help="only MLA's latent shapes: split head dims + shared values "
+                                                        "against padded + separate (forward TFLOPS: 2 T topk H (D + DV))")
     args = ap.parse_args()
     rows = []
+    if args.mla:
+        for T in args.T:
+            guarded(rows, "sparse_attention_mla", lambda: mla(T, rows))
+        save(rows, "sparse_attention_mla")
+        print_table(rows, cols=("op", "impl", "T", "heads", "d_qk", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
+        return
     if args.index_order:
         for T in args.T:
             guarded(rows, "sparse_attention_index_order", lambda: index_order(T, rows))

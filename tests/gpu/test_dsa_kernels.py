@@ -105,6 +105,30 @@ def test_sparse_attention_without_lse_grad_and_auto_picks_triton():
     assert rel_err(q.grad, qr.grad) < 2e-2 and rel_err(kv.grad, kvr.grad) < 2e-2
 
 
+@pytest.mark.parametrize("HQ, D, DV", [(12, 288, 256), (16, 576, 512), (6, 96, 64)])
+def test_sparse_attention_mla_latent_values_and_split_head_dims(HQ, D, DV):
+    """MLA's absorbed form (values = a view of the keys' first DV dims, gathered once, one gradient scatter) and
+    head dims split into a power-of-2 block plus a tail (288 = 256 + 32, 576 = 512 + 64), against the reference."""
+    from hybrid_lm.ops.triton import sparse_attention as sa
+
+    gen = torch.Generator(device="cuda").manual_seed(D)
+    T, K = 256, 64
+    q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(BF16).requires_grad_()
+    k = torch.randn(1, T, 1, D, device="cuda", generator=gen).to(BF16).requires_grad_()
+    v = k[..., :DV]
+    assert sa.values_in_keys(k, v)  # SPARSE_CASES covers a split head dim (96) with separate values
+    idx = random_indices(1, T, T, K, gen=gen)
+    o, lse = ops.sparse_attention(q, k, v, idx, return_lse=True, backend="triton")
+    qr, kr = q.detach().float().requires_grad_(), k.detach().float().requires_grad_()
+    ro, rl = ops.sparse_attention(qr, kr, kr[..., :DV], idx, return_lse=True, backend="reference")
+    do = torch.randn(ro.shape, device="cuda", generator=gen)
+    ((o.float() * do).sum() + lse.sum()).backward()
+    ((ro * do).sum() + rl.sum()).backward()
+    errs = {"o": rel_err(o, ro), "lse": rel_err(lse, rl), "dq": rel_err(q.grad, qr.grad), "dk": rel_err(k.grad, kr.grad)}
+    print("sparse_attention MLA", (HQ, D, DV), {n: f"{e:.1e}" for n, e in errs.items()})
+    assert errs["o"] < 1e-2 and errs["lse"] < 1e-4 and errs["dq"] < 2e-2 and errs["dk"] < 2e-2
+
+
 def make_index_inputs(B, Tq, Tk, HI, DI, dtype, gen):
     q = torch.randn(B, Tq, HI, DI, device="cuda", generator=gen).to(dtype)
     k = torch.randn(B, Tk, DI, device="cuda", generator=gen).to(dtype)

@@ -116,6 +116,39 @@ def case_sparse():
         print(f"sparse attention HQ={HQ} HKV={HKV} cu={cu}: rel. errors o, lse, dq, dk, dv " +
               " ".join(f"{e:.1e}" for e in errs))
         assert max(errs) < 1e-4
+    check_split_head_dim_and_shared_values()
+
+
+def check_split_head_dim_and_shared_values():
+    """Head dims that are not a power of 2 run as a main block plus a tail (96 = 64 + 32, MLA's 288 = 256 + 32), and
+    values that are a view of the keys' first dims (MLA's latent) are gathered once, their gradient added into the
+    keys'."""
+    from hybrid_lm.ops.triton import sparse_attention as sa
+
+    assert sa.split_head_dim(96) == (64, 32) and sa.split_head_dim(288) == (256, 32)
+    assert sa.split_head_dim(576) == (512, 64) and sa.split_head_dim(128) == (128, 0)
+    assert sa.split_head_dim(200) == (256, 0)  # 128 + 128 would not be narrower
+    T, K = 72, 16
+    qi, ki, wi = index_inputs(T, HI=2, DI=16)
+    idx = ops.lightning_indexer_topk(qi, ki, wi, K, backend="reference")
+    for name, HQ, D, DV, shared in (("split 96 = 64 + 32", 6, 96, 64, False), ("MLA: v = k[..., :32], D 48", 4, 48,
+                                                                               32, True)):
+        q = torch.randn(1, T, HQ, D, requires_grad=True)
+        k = torch.randn(1, T, 1, D, requires_grad=True)
+        v = k[..., :DV] if shared else torch.randn(1, T, 1, DV, requires_grad=True)
+        assert sa.values_in_keys(k, v) == shared and not sa.values_in_keys(k, v.detach())
+        leaves = [q, k] if shared else [q, k, v]
+        outs = {}
+        for backend in ("triton", "reference"):
+            if backend == "triton":  # the op routes CPU tensors away from triton; the interpreter runs it here
+                o, lse = sa.sparse_attention_triton(q, k, v, idx, scale=D ** -0.5, return_lse=True)
+            else:
+                o, lse = ops.sparse_attention(q, k, v, idx, return_lse=True, backend=backend)
+            outs[backend] = [o, lse] + list(torch.autograd.grad([o, lse], leaves, [torch.ones_like(o).cos(),
+                                                                                   torch.ones_like(lse)]))
+        errs = [rel_err(a, b) for a, b in zip(outs["triton"], outs["reference"])]
+        print(f"sparse attention {name}: rel. errors o, lse, grads " + " ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < 1e-4, name
 
 
 def case_kl():

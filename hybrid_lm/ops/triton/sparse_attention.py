@@ -38,16 +38,20 @@ def _sparse_fwd_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, so_b, so_t, so_h, sl_b, sl_t,
     HKV, Tk, NK, qk_scale,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DOC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DOC: tl.constexpr, V_IN_K: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b, hk = (bh // HKV).to(tl.int64), bh % HKV
     heads = hk * G + tl.arange(0, BLOCK_H)
     hmask = tl.arange(0, BLOCK_H) < G
-    dq, dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq[None, :],
-                mask=hmask[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_H, BLOCK_D]
+    dq, dv, dt = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), BLOCK_D + tl.arange(0, BLOCK_DT)
+    q_row = Q + b * sq_b + t * sq_t + heads[:, None] * sq_h
+    q = tl.load(q_row + dq[None, :], mask=hmask[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_H, BLOCK_D]
+    q_tail = q
+    if HAS_TAIL:  # head dims BLOCK_D .. D (e.g. MLA's rotary part), [BLOCK_H, BLOCK_DT]
+        q_tail = tl.load(q_row + dt[None, :], mask=hmask[:, None] & (dt[None, :] < D), other=0.0)
     doc_start = 0
     if HAS_DOC:
         doc_start = tl.load(DOC + t)
@@ -59,9 +63,13 @@ def _sparse_fwd_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
     for k0 in range(0, NK, BLOCK_K):
         pos, valid = _gather_rows(idx_ptr, k0, NK, doc_start, Tk, BLOCK_K)
-        kt = tl.load(k_base + pos.to(tl.int64)[:, None] * sk_t + dq[None, :],
-                     mask=valid[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
-        s = tl.dot(q, tl.trans(kt)) * qk_scale  # [BLOCK_H, BLOCK_K], log2 domain
+        k_rows = k_base + pos.to(tl.int64)[:, None] * sk_t
+        kt = tl.load(k_rows + dq[None, :], mask=valid[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
+        s = tl.dot(q, tl.trans(kt))
+        if HAS_TAIL:
+            kt_tail = tl.load(k_rows + dt[None, :], mask=valid[:, None] & (dt[None, :] < D), other=0.0)
+            s += tl.dot(q_tail, tl.trans(kt_tail))
+        s = s * qk_scale  # [BLOCK_H, BLOCK_K], log2 domain
         s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a block with no valid key leaves m at -inf; shifting by 0 then keeps exp2 finite
@@ -69,8 +77,11 @@ def _sparse_fwd_kernel(
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + pos.to(tl.int64)[:, None] * sv_t + dv[None, :],
-                     mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_K, BLOCK_DV]
+        if V_IN_K:  # the values are the keys' first DV dims (MLA's latent): already loaded
+            vt = kt
+        else:
+            vt = tl.load(v_base + pos.to(tl.int64)[:, None] * sv_t + dv[None, :],
+                         mask=valid[:, None] & (dv[None, :] < DV), other=0.0)  # [BLOCK_K, BLOCK_DV]
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
         m_i = m_new
     has_keys = l_i > 0
@@ -88,16 +99,24 @@ def _sparse_bwd_kernel(
     sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
     HKV, Tk, NK, scale,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DOC: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_DOC: tl.constexpr, V_IN_K: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
+    """V_IN_K: v is a view of k's first DV dims; dv is then added into DK with dk (DV_ is not written)."""
     t = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1)
     b, hk = (bh // HKV).to(tl.int64), bh % HKV
     heads = hk * G + tl.arange(0, BLOCK_H)
     hmask = tl.arange(0, BLOCK_H) < G
-    dq_r, dv_r = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    dq_r, dv_r, dt_r = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV), BLOCK_D + tl.arange(0, BLOCK_DT)
     qmask = hmask[:, None] & (dq_r[None, :] < D)
-    q = tl.load(Q + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq_r[None, :], mask=qmask, other=0.0)
+    tmask = hmask[:, None] & (dt_r[None, :] < D)
+    q_row = Q + b * sq_b + t * sq_t + heads[:, None] * sq_h
+    q = tl.load(q_row + dq_r[None, :], mask=qmask, other=0.0)
+    q_tail = q
+    dq_tail = tl.zeros([BLOCK_H, BLOCK_DT], tl.float32)
+    if HAS_TAIL:
+        q_tail = tl.load(q_row + dt_r[None, :], mask=tmask, other=0.0)
     do = tl.load(DO + b * so_b + t * so_t + heads[:, None] * so_h + dv_r[None, :],
                  mask=hmask[:, None] & (dv_r[None, :] < DV), other=0.0)  # [BLOCK_H, BLOCK_DV]
     lse2 = tl.load(LSE + b * sl_b + t * sl_t + heads, mask=hmask, other=0.0) * LOG2E
@@ -117,26 +136,77 @@ def _sparse_bwd_kernel(
         kmask = valid[:, None] & (dq_r[None, :] < D)
         vmask = valid[:, None] & (dv_r[None, :] < DV)
         kt = tl.load(k_base + rows * sk_t + dq_r[None, :], mask=kmask, other=0.0)  # [BLOCK_K, BLOCK_D]
-        vt = tl.load(v_base + rows * sv_t + dv_r[None, :], mask=vmask, other=0.0)  # [BLOCK_K, BLOCK_DV]
-        s = tl.dot(q, tl.trans(kt)) * (scale * LOG2E)
+        if V_IN_K:
+            vt = kt
+        else:
+            vt = tl.load(v_base + rows * sv_t + dv_r[None, :], mask=vmask, other=0.0)  # [BLOCK_K, BLOCK_DV]
+        s = tl.dot(q, tl.trans(kt))
+        kt_tail = kt
+        if HAS_TAIL:
+            kt_tail = tl.load(k_base + rows * sk_t + dt_r[None, :], mask=valid[:, None] & (dt_r[None, :] < D),
+                              other=0.0)
+            s += tl.dot(q_tail, tl.trans(kt_tail))
+        s = s * (scale * LOG2E)
         p = tl.where(valid[None, :] & hmask[:, None], tl.exp2(s - lse2[:, None]), 0.0)  # [BLOCK_H, BLOCK_K]
         dp = tl.dot(do, tl.trans(vt))
         ds = p * (dp - delta[:, None])  # d loss / d (scaled logit)
         dq += tl.dot(ds.to(kt.dtype), kt)
         dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do)  # [BLOCK_K, BLOCK_DV]
         dk_blk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale  # [BLOCK_K, BLOCK_D]
-        tl.atomic_add(dv_base + rows * sdv_t + dv_r[None, :], dv_blk, mask=vmask, sem="relaxed")
-        tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk, mask=kmask, sem="relaxed")
-    tl.store(DQ + b * sq_b + t * sq_t + heads[:, None] * sq_h + dq_r[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=qmask)
+        if V_IN_K:  # one scatter for the shared rows
+            tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk + dv_blk, mask=kmask, sem="relaxed")
+        else:
+            tl.atomic_add(dv_base + rows * sdv_t + dv_r[None, :], dv_blk, mask=vmask, sem="relaxed")
+            tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk, mask=kmask, sem="relaxed")
+        if HAS_TAIL:
+            dq_tail += tl.dot(ds.to(kt.dtype), kt_tail)
+            dk_tail = tl.dot(tl.trans(ds.to(q.dtype)), q_tail) * scale  # [BLOCK_K, BLOCK_DT]
+            tl.atomic_add(dk_base + rows * sdk_t + dt_r[None, :], dk_tail,
+                          mask=valid[:, None] & (dt_r[None, :] < D), sem="relaxed")
+    dq_row = DQ + b * sq_b + t * sq_t + heads[:, None] * sq_h
+    tl.store(dq_row + dq_r[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    if HAS_TAIL:
+        tl.store(dq_row + dt_r[None, :], (dq_tail * scale).to(DQ.dtype.element_ty), mask=tmask)
 
 
-def _config(G: int, D: int, DV: int, block_k: int) -> dict:
+def split_head_dim(D: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DT): q/k head dims as a power-of-2 main part plus a power-of-2 tail (0: none) where that is
+    narrower than one padded block: MLA's 288 = 256 + 32 and 576 = 512 + 64 instead of 512 and 1024."""
+    full = max(16, triton.next_power_of_2(D))
+    main = full // 2
+    if main >= 16 and D > main:
+        tail = max(16, triton.next_power_of_2(D - main))
+        if main + tail < full:
+            return main, tail
+    return full, 0
+
+
+# False pads every head dim to one power-of-2 block and gathers values separately (benchmarks compare both)
+SPLIT_HEAD_DIM = True
+
+
+def _config(G: int, D: int, DV: int, block_k: int, v_in_k: bool = False) -> dict:
     block_h = max(16, triton.next_power_of_2(G))
-    block_d, block_dv = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
+    block_d, block_dt = split_head_dim(D) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(D)), 0)
+    block_dv = max(16, triton.next_power_of_2(DV))
     # wider heads (MLA's 576) shrink the key block so the gathered tiles still fit in registers
-    block_k = max(16, block_k * 128 // max(128, block_d, block_dv))
-    return dict(G=G, BLOCK_H=block_h, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DV=block_dv, BLOCK_K=block_k)
+    block_k = max(16, block_k * 128 // max(128, block_d + block_dt, block_dv))
+    return dict(G=G, BLOCK_H=block_h, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DT=max(16, block_dt), HAS_TAIL=block_dt > 0,
+                BLOCK_DV=block_dv, BLOCK_K=block_k, V_IN_K=v_in_k)
+
+
+def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether v is a view of k's first DV head dims (MLA's absorbed form: the values are the latent, the keys the
+    latent plus the rotary part) with DV a power of 2 equal to the keys' main block: the kernels then gather each
+    row once and scatter one gradient."""
+    DV = v.shape[-1]
+    # the same autograd storage (not a detached alias): v's gradient may then be added into k's
+    if not SPLIT_HEAD_DIM:
+        return False
+    same_base = v._base is not None and (v._base is k or v._base is k._base)
+    return (same_base and v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:3] == k.shape[:3]
+            and v.dtype == k.dtype and split_head_dim(k.shape[-1])[0] == DV == triton.next_power_of_2(DV)
+            and DV < k.shape[-1])
 
 
 # (BLOCK_K, num_warps, num_stages) at 16 heads x 128: the largest blocks ptxas fits with no spills on sm_90. Sweeps
@@ -161,7 +231,7 @@ def _strides3(x):
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None):
+def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None, v_in_k=None):
     """Forward kernel launch: returns o [B, Tq, HQ, DV] (q's dtype) and lse [B, Tq, HQ] fp32."""
     B, Tq, HQ, D = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
@@ -171,7 +241,8 @@ def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None):
     if B * Tq == 0:
         return o, lse
     block_k, num_warps, num_stages = config or FWD_CONFIG
-    cfg = _config(HQ // HKV, D, DV, block_k)
+    v_in_k = values_in_keys(k, v) if v_in_k is None else v_in_k
+    cfg = _config(HQ // HKV, D, DV, block_k, v_in_k)
     grid = (Tq, B * HKV)
     _sparse_fwd_kernel[grid](
         q, k, v, indices, doc if doc is not None else indices, o, lse,
@@ -182,8 +253,9 @@ def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None):
     return o, lse
 
 
-def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=None):
-    """Backward kernel launch: returns dq, dk, dv in the dtypes of q, k, v."""
+def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=None, v_in_k=None):
+    """Backward kernel launch: returns dq, dk, dv in the dtypes of q, k, v (dv None when v is a view of k's first
+    dims: its gradient is then part of dk)."""
     B, Tq, HQ, D = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[3]
     NK = indices.shape[2]
@@ -194,17 +266,20 @@ def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=
         delta = delta - dlse.float()
     delta = delta.contiguous()
     dq = torch.empty_like(q)
+    v_in_k = values_in_keys(k, v) if v_in_k is None else v_in_k
     dk = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
-    dv = torch.zeros(B, Tk, HKV, DV, device=q.device, dtype=torch.float32)
+    dv = dk if v_in_k else torch.zeros(B, Tk, HKV, DV, device=q.device, dtype=torch.float32)
     if B * Tq > 0:
         block_k, num_warps, num_stages = config or BWD_CONFIG
-        cfg = _config(HQ // HKV, D, DV, block_k)
+        cfg = _config(HQ // HKV, D, DV, block_k, v_in_k)
         _sparse_bwd_kernel[(Tq, B * HKV)](
             q, k, v, indices, doc if doc is not None else indices, do, lse, delta, dq, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), indices.stride(0), indices.stride(1), *_strides3(do),
             lse.stride(0), lse.stride(1), *_strides3(dk), *_strides3(dv),
             HKV, Tk, NK, scale, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages, **cfg,
         )
+    if v_in_k:  # dk holds both gradients of the shared storage; v's is already in it
+        return dq, dk.to(k.dtype), None
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -213,7 +288,8 @@ class SparseAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, indices, doc, scale):
-        o, lse = sparse_attention_fwd(q, k, v, indices, doc, scale)
+        ctx.v_in_k = values_in_keys(k, v)  # decided here: saved tensors lose their view relation
+        o, lse = sparse_attention_fwd(q, k, v, indices, doc, scale, v_in_k=ctx.v_in_k)
         ctx.save_for_backward(q, k, v, indices, doc, o, lse)
         ctx.scale = scale
         ctx.mark_non_differentiable(indices)
@@ -222,7 +298,7 @@ class SparseAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, indices, doc, o, lse = ctx.saved_tensors
-        dq, dk, dv = sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, ctx.scale)
+        dq, dk, dv = sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, ctx.scale, v_in_k=ctx.v_in_k)
         return dq, dk, dv, None, None, None
 
 
