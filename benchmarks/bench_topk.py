@@ -91,8 +91,9 @@ def stages(T, R, rows):
                                                                              bufs["samples"]),
         "candidate pass": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
         "k-th candidate (torch.topk) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK, kth="torch"),
-        "k-th candidate (in-kernel search) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK),
         "whole chunk": lambda: it.threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, TOPK, bufs),
+        "k-th candidate (in-kernel search) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK,
+                                                                                   kth="search"),
     }
     for name, fn in steps.items():
         rows.append(row("threshold_stage", name, T, fwd_ms=bench_ms(fn), rows=R))

@@ -129,6 +129,29 @@ def test_sparse_attention_mla_latent_values_and_split_head_dims(HQ, D, DV):
     assert errs["o"] < 1e-2 and errs["lse"] < 1e-4 and errs["dq"] < 2e-2 and errs["dk"] < 2e-2
 
 
+def test_select_kernel_kth_search_equals_torch_kth():
+    """The select kernel's in-register k-th search keeps exactly the candidates torch.topk's k-th keeps: rows with
+    fewer candidates than topk, overflowing ones, ties at the k-th (-0.0 against 0.0 among them)."""
+    from hybrid_lm.ops.triton import indexer_topk as it
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    rows, cap, topk = 64, 4096, 2048
+    vals = torch.randn(1, rows, cap, device="cuda", generator=gen)
+    vals[0, 1] = vals[0, 1].round()
+    vals[0, 2, ::2], vals[0, 2, 1::2] = 0.0, -0.0
+    vals[0, 3] = -vals[0, 3].abs()
+    offsets = torch.arange(cap, device="cuda", dtype=torch.int32).expand(1, rows, cap).contiguous()
+    count = torch.randint(topk - 100, cap + 100, (1, rows), device="cuda", generator=gen, dtype=torch.int32)
+    count[0, :4] = cap
+    count[0, 4] = 10
+    outs = {}
+    for kth in ("search", "torch"):
+        outs[kth] = torch.full((1, rows, topk), -7, device="cuda", dtype=torch.int64)
+        it.select_candidates(vals.clone(), offsets, count, 0, outs[kth], topk, kth=kth)
+    assert torch.equal(outs["search"], outs["torch"])
+    assert (outs["search"][0, 4, 10:] == -1).all() and (outs["search"] != -7).all()
+
+
 def make_index_inputs(B, Tq, Tk, HI, DI, dtype, gen):
     q = torch.randn(B, Tq, HI, DI, device="cuda", generator=gen).to(dtype)
     k = torch.randn(B, Tk, DI, device="cuda", generator=gen).to(dtype)

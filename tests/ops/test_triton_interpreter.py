@@ -28,3 +28,14 @@ def test_triton_kernels_match_references_in_the_interpreter(group):
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run([sys.executable, str(CASES), group], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def test_sparse_attention_key_blocks_are_powers_of_two():
+    """tl.arange needs a power-of-2 key block for every head-dim split (an MLA 96 = 64 + 32 once gave 85 keys)."""
+    from hybrid_lm.ops.triton import sparse_attention as sa
+
+    for D, DV in ((32, 32), (48, 32), (64, 64), (96, 64), (128, 128), (192, 128), (288, 256), (576, 512)):
+        for block_k in (16, 32, 64):
+            cfg = sa._config(16, D, DV, block_k)
+            assert cfg["BLOCK_K"] & (cfg["BLOCK_K"] - 1) == 0 and cfg["BLOCK_K"] >= 16, (D, DV, block_k, cfg)
+            assert cfg["BLOCK_D"] + (cfg["BLOCK_DT"] if cfg["HAS_TAIL"] else 0) >= D

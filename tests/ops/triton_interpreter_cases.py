@@ -87,7 +87,7 @@ def check_kth_search():
     count = torch.tensor([[cap, cap, cap, 40, 10, 100]], dtype=torch.int32)  # 10 < topk; 100 > cap (overflow)
     outs = {}
     for kth in ("search", "torch"):
-        outs[kth] = torch.full((1, rows, topk), -7, dtype=torch.int64)
+        outs[kth] = torch.full((1, rows, topk), -7, dtype=torch.int64)  # -7: a slot the kernel never wrote
         it.select_candidates(vals.clone(), offsets, count, 0, outs[kth], topk, kth=kth)
     equal = (outs["search"] == outs["torch"]).all(-1)
     print(f"topk k-th search: rows equal to torch.topk's k-th {equal.float().mean().item():.4f}")

@@ -149,10 +149,9 @@ def _candidates_kernel(
         gt = seen & (scores > tau[:, None])
         eq = seen & (scores == tau[:, None])
         n_eq = tl.sum(eq.to(tl.int32), 1)
-        keep = gt
-        if tl.sum(n_eq) > 0:  # exact ties with a threshold are rare but for rows of zeros: rank them only then
-            tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
-            keep = gt | (eq & (tie_rank <= TOPK))
+        # (ranking ties only in tiles that have any, under an `if`, failed to compile on an H100 with triton 3.6)
+        tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
+        keep = gt | (eq & (tie_rank <= TOPK))
         slot = count[:, None] + tl.dot(keep.to(tl.float16), upper).to(tl.int32) - 1
         put = keep & (slot < CAP)
         tl.store(CV + base + slot, scores, mask=put)
@@ -399,10 +398,17 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_
     return cand_v, cand_i, count, total
 
 
-def select_candidates(cand_v, cand_i, count, t0, out, topk, kth="search"):
+# how select_candidates finds each row's k-th candidate by default: "torch" (torch.topk over the candidate buffer)
+# or "search" (a bitwise search inside the select kernel; BENCHMARKS.md has both timed)
+KTH = "torch"
+
+
+def select_candidates(cand_v, cand_i, count, t0, out, topk, kth=None):
     """out[:, t0:t0 + rows]: each row's topk best candidates, in position order, -1 padded. ``kth``: how the k-th
-    best candidate score is found: ``"search"`` (in the kernel) or ``"torch"`` (torch.topk over the candidates)."""
+    best candidate score is found: ``"search"`` (in the kernel) or ``"torch"`` (torch.topk over the candidates);
+    None: ``KTH``."""
     B, c, cap = cand_v.shape
+    kth = KTH if kth is None else kth
     kth_v = count  # unused by the kernel when it searches
     if kth == "torch":  # slots past a row's count hold -inf
         filled = torch.arange(cap, device=cand_v.device) < count[..., None].clamp(max=cap)

@@ -190,7 +190,7 @@ def _config(G: int, D: int, DV: int, block_k: int, v_in_k: bool = False) -> dict
     block_d, block_dt = split_head_dim(D) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(D)), 0)
     block_dv = max(16, triton.next_power_of_2(DV))
     # wider heads (MLA's 576) shrink the key block so the gathered tiles still fit in registers
-    block_k = max(16, block_k * 128 // max(128, block_d + block_dt, block_dv))
+    block_k = max(16, block_k * 128 // max(128, triton.next_power_of_2(block_d + block_dt), block_dv))
     return dict(G=G, BLOCK_H=block_h, D=D, DV=DV, BLOCK_D=block_d, BLOCK_DT=max(16, block_dt), HAS_TAIL=block_dt > 0,
                 BLOCK_DV=block_dv, BLOCK_K=block_k, V_IN_K=v_in_k)
 
