@@ -100,8 +100,8 @@ MLA_SHAPES = [(12, 288, 256), (16, 576, 512)]  # (heads, latent + rotary key dim
 
 def mla(T, rows):
     """MLA's absorbed form (one latent KV head; values = the keys' first DV dims), forward and backward: head dims
-    split into a power-of-2 block + tail with the values gathered once from the keys' rows (sa.SPLIT_HEAD_DIM, the
-    default), against one padded block with the values gathered separately (the previous kernels), same run."""
+    split into a power-of-2 block + tail with the values gathered once from the keys' rows (sa.SPLIT_HEAD_DIM = True,
+    opt-in until timed), against one padded block with the values gathered separately (the default), same run."""
     for HQ_, D_, DV_ in MLA_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(1, T, HQ_, D_, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -110,6 +110,7 @@ def mla(T, rows):
         idx = random_causal_indices(T, TOPK).int().contiguous()
         scale = D_ ** -0.5
         flops = 2.0 * T * TOPK * HQ_ * (D_ + DV_)
+        default = sa.SPLIT_HEAD_DIM
         for split in (True, False):
             sa.SPLIT_HEAD_DIM = split
             try:
@@ -118,7 +119,7 @@ def mla(T, rows):
                 do = torch.randn_like(o)
                 b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale))
             finally:
-                sa.SPLIT_HEAD_DIM = True
+                sa.SPLIT_HEAD_DIM = default
             rows.append(row("sparse_attention_mla", "split+shared-values" if split else "padded+separate-values", T,
                             fwd_ms=f_ms, bwd_ms=b_ms, fwdbwd_ms=f_ms + b_ms, tflops=flops / f_ms / 1e9, heads=HQ_,
                             d_qk=D_, d_v=DV_))

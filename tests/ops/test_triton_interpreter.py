@@ -30,10 +30,12 @@ def test_triton_kernels_match_references_in_the_interpreter(group):
     assert run.returncode == 0 and run.stdout.rstrip().endswith("ok"), run.stdout[-3000:] + run.stderr[-3000:]
 
 
-def test_sparse_attention_key_blocks_are_powers_of_two():
+@pytest.mark.parametrize("split", [False, True])
+def test_sparse_attention_key_blocks_are_powers_of_two(split, monkeypatch):
     """tl.arange needs a power-of-2 key block for every head-dim split (an MLA 96 = 64 + 32 once gave 85 keys)."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
+    monkeypatch.setattr(sa, "SPLIT_HEAD_DIM", split)
     for D, DV in ((32, 32), (48, 32), (64, 64), (96, 64), (128, 128), (192, 128), (288, 256), (576, 512)):
         for block_k in (16, 32, 64):
             cfg = sa._config(16, D, DV, block_k)

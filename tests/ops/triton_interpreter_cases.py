@@ -125,6 +125,14 @@ def check_split_head_dim_and_shared_values():
     keys'."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
+    sa.SPLIT_HEAD_DIM = True  # opt-in (see sparse_attention.py)
+    try:
+        _check_split_head_dim_and_shared_values(sa)
+    finally:
+        sa.SPLIT_HEAD_DIM = False
+
+
+def _check_split_head_dim_and_shared_values(sa):
     assert sa.split_head_dim(96) == (64, 32) and sa.split_head_dim(288) == (256, 32)
     assert sa.split_head_dim(576) == (512, 64) and sa.split_head_dim(128) == (128, 0)
     assert sa.split_head_dim(200) == (256, 0)  # 128 + 128 would not be narrower

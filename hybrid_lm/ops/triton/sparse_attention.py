@@ -181,8 +181,11 @@ def split_head_dim(D: int) -> tuple[int, int]:
     return full, 0
 
 
-# False pads every head dim to one power-of-2 block and gathers values separately (benchmarks compare both)
-SPLIT_HEAD_DIM = True
+# True: head dims split into a power-of-2 block + tail, and values that are a view of the keys' first dims (MLA)
+# gathered once. Checked against the reference in triton's interpreter only: its one H100 run (2026-12-06) failed
+# on a non-power-of-2 key block, fixed since but not re-run, so the padded kernels stay the default until a GPU run
+# of tests/gpu (test_sparse_attention_mla_latent_values_and_split_head_dims) and bench_sparse_attention.py --mla.
+SPLIT_HEAD_DIM = False
 
 
 def _config(G: int, D: int, DV: int, block_k: int, v_in_k: bool = False) -> dict:
