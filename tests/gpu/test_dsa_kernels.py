@@ -111,7 +111,7 @@ def test_sparse_attention_mla_latent_values_and_split_head_dims(HQ, D, DV, monke
     head dims split into a power-of-2 block plus a tail (288 = 256 + 32, 576 = 512 + 64), against the reference."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
-    monkeypatch.setattr(sa, "SPLIT_HEAD_DIM", True)  # opt-in until this test has passed on a GPU
+    monkeypatch.setattr(sa, "SPLIT_HEAD_DIM", True)  # the default; benchmarks may switch it off
     gen = torch.Generator(device="cuda").manual_seed(D)
     T, K = 256, 64
     q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(BF16).requires_grad_()

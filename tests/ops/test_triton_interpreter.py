@@ -32,7 +32,7 @@ def test_triton_kernels_match_references_in_the_interpreter(group):
 
 @pytest.mark.parametrize("split", [False, True])
 def test_sparse_attention_key_blocks_are_powers_of_two(split, monkeypatch):
-    """tl.arange needs a power-of-2 key block for every head-dim split (an MLA 96 = 64 + 32 once gave 85 keys)."""
+    """tl.arange needs a power-of-2 key block for every head-dim split (MLA's 288 = 256 + 32 once gave 28 keys)."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
     monkeypatch.setattr(sa, "SPLIT_HEAD_DIM", split)

@@ -125,11 +125,8 @@ def check_split_head_dim_and_shared_values():
     keys'."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
-    sa.SPLIT_HEAD_DIM = True  # opt-in (see sparse_attention.py)
-    try:
-        _check_split_head_dim_and_shared_values(sa)
-    finally:
-        sa.SPLIT_HEAD_DIM = False
+    assert sa.SPLIT_HEAD_DIM  # the default
+    _check_split_head_dim_and_shared_values(sa)
 
 
 def _check_split_head_dim_and_shared_values(sa):

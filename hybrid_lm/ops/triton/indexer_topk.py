@@ -10,9 +10,9 @@ position order:
      rounded up to a power of 2 so that the threshold lands between the k-th and the CAP-th score);
   2. ``_candidates_kernel`` streams over each row block's visible keys and keeps, in position order, every key
      scoring at or above the threshold (at most CAP; the count is kept even past CAP);
-  3. ``_select_candidates_kernel`` finds each row's k-th best candidate score (a bitwise search over
-     order-preserving uint32 keys, in registers), then keeps the keys above it and the earliest keys tied with it
-     (the reference's tie rule), still in position order.
+  3. ``_select_candidates_kernel`` keeps the keys above each row's k-th best candidate score (torch.topk over the
+     candidate buffer, or with ``KTH = "search"`` a bitwise search over order-preserving uint32 keys in the kernel)
+     and the earliest keys tied with it (the reference's tie rule), still in position order.
   Rows whose threshold missed (fewer than topk candidates, or more than CAP) are redone exactly in PyTorch
   (``exact_rows``; about one row in a thousand on random data, counted in ``STATS``).
 - ``torch``: full score rows in chunks under a memory budget (``SCORE_BUDGET``), then ``torch.topk``.
@@ -148,7 +148,6 @@ def _candidates_kernel(
         seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
         gt = seen & (scores > tau[:, None])
         eq = seen & (scores == tau[:, None])
-        n_eq = tl.sum(eq.to(tl.int32), 1)
         # (ranking ties only in tiles that have any, under an `if`, failed to compile on an H100 with triton 3.6)
         tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
         keep = gt | (eq & (tie_rank <= TOPK))
@@ -157,6 +156,7 @@ def _candidates_kernel(
         tl.store(CV + base + slot, scores, mask=put)
         tl.store(CI + base + slot, keys[None, :] - row_lo[:, None], mask=put)
         count += tl.sum(keep.to(tl.int32), 1)
+        n_eq = tl.sum(eq.to(tl.int32), 1)
         ties += n_eq
         total += tl.sum(gt.to(tl.int32), 1) + n_eq
     tl.store(CNT + b * sn_b + (rows - t0), count, mask=valid_row)
@@ -399,7 +399,8 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_
 
 
 # how select_candidates finds each row's k-th candidate by default: "torch" (torch.topk over the candidate buffer)
-# or "search" (a bitwise search inside the select kernel; BENCHMARKS.md has both timed)
+# or "search" (a bitwise search inside the select kernel; checked in the interpreter only, not yet compiled for a
+# GPU: `bench_topk.py --stages` times both and a GPU test compares them)
 KTH = "torch"
 
 
@@ -412,7 +413,7 @@ def select_candidates(cand_v, cand_i, count, t0, out, topk, kth=None):
     kth_v = count  # unused by the kernel when it searches
     if kth == "torch":  # slots past a row's count hold -inf
         filled = torch.arange(cap, device=cand_v.device) < count[..., None].clamp(max=cap)
-        kth_v = torch.topk(cand_v.masked_fill(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
+        kth_v = torch.topk(cand_v.masked_fill_(~filled, float("-inf")), topk, dim=-1, sorted=False).values.amin(-1)
     elif kth != "search":
         raise ValueError(f"select_candidates: kth must be 'search' or 'torch', got {kth!r}")
     _select_candidates_kernel[(c, B)](

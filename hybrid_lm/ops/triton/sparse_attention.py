@@ -182,10 +182,11 @@ def split_head_dim(D: int) -> tuple[int, int]:
 
 
 # True: head dims split into a power-of-2 block + tail, and values that are a view of the keys' first dims (MLA)
-# gathered once. Checked against the reference in triton's interpreter only: its one H100 run (2026-12-06) failed
-# on a non-power-of-2 key block, fixed since but not re-run, so the padded kernels stay the default until a GPU run
-# of tests/gpu (test_sparse_attention_mla_latent_values_and_split_head_dims) and bench_sparse_attention.py --mla.
-SPLIT_HEAD_DIM = False
+# gathered once; False: one padded block, values gathered separately (bench_sparse_attention.py --mla compares them).
+# On an H100 (2026-12-06) the split kernels matched the reference for 96 = 64 + 32 and 576 = 512 + 64 (shared values)
+# and the GPU test cases; 288 = 256 + 32 then failed on a key block of 28, not a power of 2 (rounded since). Speed
+# not yet measured.
+SPLIT_HEAD_DIM = True
 
 
 def _config(G: int, D: int, DV: int, block_k: int, v_in_k: bool = False) -> dict:
