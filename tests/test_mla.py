@@ -170,3 +170,30 @@ def test_flops_and_parameters_follow_the_mla_dims():
 def test_bad_mla_settings_give_clear_errors(changes, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(["attention"], mixers={"attention": {**MLA, **changes}})
+
+
+def test_absorbed_values_are_a_view_of_the_latent_keys():
+    """The sparse path hands the attention its values as a view of the keys' latent dims, which the Triton kernel
+    recognises (`values_in_keys`): each gathered row is then loaded once for q.k and p.v."""
+    pytest.importorskip("triton")
+    from hybrid_lm.ops.triton.sparse_attention import values_in_keys
+
+    model = mla_model(["dsa"], dtype=None)
+    layer = model.layers[0].mixer
+    captured = {}
+    original = layer.qkv
+
+    def spy(*args, **kwargs):
+        captured["a"] = a = original(*args, **kwargs)
+        return a
+
+    layer.qkv = spy
+    ids = torch.randint(0, 97, (1, 40))  # 40 > index_topk: the sparse (absorbed) path
+    model.set_dsa_stage("sparse")
+    model(ids, labels=ids)
+    a = captured["a"]
+    assert a.absorbed and a.k.shape[-1] == 10 + 4 and a.v.shape[-1] == 10  # latent + rope keys, latent values
+    assert a.v.data_ptr() == a.k.data_ptr() and torch.equal(a.v, a.k[..., :10])
+    assert not values_in_keys(a.k, a.v)  # 14 = 8 + 6 has no power-of-2 block of 10 dims: the padded kernel
+    k = a.k.detach().new_zeros(1, 40, 1, 32 + 4).requires_grad_()  # a latent of 32 does: 36 = 32 + 16-wide tail
+    assert values_in_keys(k, k[..., :32]) and not values_in_keys(k, k[..., :32].detach())
