@@ -1,0 +1,34 @@
+"""Rotary embeddings: apply_rope equals the textbook rotate-half formula bit for bit (fp32 math for any input dtype),
+rotates only the first R dims, and preserves each rotated pair's norm."""
+
+import pytest
+import torch
+
+from hybrid_lm.layers.rope import apply_rope, rope_cos_sin, rotate_half
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rotated", [16, 8])
+def test_apply_rope_is_the_rotate_half_formula(dtype, rotated):
+    x = torch.randn(2, 33, 3, 16, dtype=dtype)
+    pos = torch.arange(5, 38).expand(2, 33)
+    cos, sin = rope_cos_sin(pos, rotated, 10000.0)
+    c, s = cos[:, :, None], sin[:, :, None]
+    xr = x[..., :rotated].float()
+    want = torch.cat([(xr * c + rotate_half(xr) * s).to(dtype), x[..., rotated:]], dim=-1)
+    got = apply_rope(x, cos, sin)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(got[..., rotated:], x[..., rotated:])
+    half = rotated // 2  # pairs (i, i + half) are rotated by one angle: their norm stays
+    pair = lambda t: t[..., :half].float() ** 2 + t[..., half:rotated].float() ** 2  # noqa: E731
+    torch.testing.assert_close(pair(got), pair(x), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+def test_apply_rope_gradient_is_the_inverse_rotation():
+    x = torch.randn(1, 9, 2, 8, dtype=torch.float64, requires_grad=True)
+    cos, sin = rope_cos_sin(torch.arange(9)[None], 8, 100.0)
+    g = torch.randn(1, 9, 2, 8, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(apply_rope(x, cos, sin), x, g)
+    # the rotation is orthogonal: its gradient rotates g back (by -angle); fp32 math inside
+    back = apply_rope(g, cos, -sin)
+    torch.testing.assert_close(grad, back, rtol=1e-5, atol=1e-6)
