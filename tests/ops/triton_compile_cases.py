@@ -1,0 +1,141 @@
+"""Every Triton DSA kernel compiled for an H100 (sm_90) on a machine without a GPU.
+
+The interpreter cases (triton_interpreter_cases.py) check what the kernels compute; they cannot see compiler
+failures. Two such failures cost a GPU run on 2026-12-06: a `tl.dot` under a runtime `if` hit a layout assertion
+in ConvertTritonGPUToLLVM, and a head-dim split produced a 28-key block (tl.arange needs a power of 2). Both happen
+at compile time, which needs no GPU: triton builds the PTX and cubin for a named target.
+
+How: `JITFunction.run` is replaced by a recorder that, instead of launching, binds the launch's arguments, turns
+tensors into pointer types (bf16 where the GPU path uses bf16) and scalars into i32 / i64 / fp32, and compiles
+through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the launch's num_warps / num_stages.
+The op wrappers run on CPU tensors as on a GPU, so each kernel is compiled with the shapes, constexprs and configs
+a real call would use. Outputs are never written (buffers keep whatever torch.empty gave), so nothing is checked
+but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl]... (prints one line per compiled variant).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TARGET = GPUTarget("cuda", 90, 32)  # H100
+TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+         torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+COMPILED: dict = {}
+
+
+def _type_of(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2**31 <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"no triton type for {type(value).__name__}")
+
+
+def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    bound = {p.name: v for p, v in zip(self.params, args)}
+    bound.update(kwargs)
+    signature, constexprs = {}, {}
+    for p in self.params:
+        if p.name not in bound:
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"{self.fn.__name__}: no value for {p.name}")
+            bound[p.name] = p.default
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", bound[p.name]
+        else:
+            signature[p.name] = _type_of(bound[p.name])
+    key = (self.fn.__module__, self.fn.__name__, tuple(signature.items()), tuple(map(repr, constexprs.items())),
+           tuple(sorted(options.items())))
+    if key not in COMPILED:
+        kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
+                                options=options)
+        COMPILED[key] = kernel
+        shown = {k: v for k, v in constexprs.items() if k.isupper() and not isinstance(v, str) or k == "PRECISION"}
+        print(f"compiled {self.fn.__name__} {shown} {options}: {kernel.n_regs if hasattr(kernel, 'n_regs') else ''}"
+              f"{len(kernel.asm['cubin'])} bytes of sm_90 cubin", flush=True)
+    return None
+
+
+JITFunction.run = _compile_instead_of_launch
+
+
+def case_topk():
+    from hybrid_lm.ops.triton import indexer_topk as it
+
+    bf16 = torch.bfloat16
+    for T, topk, dtype in ((4096, 2048, bf16), (20000, 2048, bf16), (3000, 256, torch.float32)):
+        q, k, w = torch.randn(1, T, 4, 64).to(dtype), torch.randn(1, T, 64).to(dtype), torch.randn(1, T, 4)
+        for select in ("threshold", "torch", "radix", "radix11"):
+            if select == "threshold" and T < 8 * topk and topk == 2048:
+                continue
+            it.indexer_topk_triton(q[:, -512:], k, w[:, -512:], topk, select=select)
+    T = 4096
+    q, k, w = torch.randn(1, T, 4, 64).to(bf16), torch.randn(1, T, 64).to(bf16), torch.randn(1, T, 4)
+    for topk in (256, 2048):
+        for kth in ("torch", "search"):
+            bufs = it.threshold_buffers(64, T, topk, "cpu")
+            cand = it.keep_candidates(q, k, w, torch.zeros(1, 64), *it._visible_range(T, T, None, "cpu"),
+                                      0, 64, topk, bufs)
+            it.select_candidates(*cand[:3], 0, torch.empty(1, T, topk, dtype=torch.int64), topk, kth=kth)
+
+
+def case_sparse():
+    from hybrid_lm.ops.triton import sparse_attention as sa
+
+    bf16 = torch.bfloat16
+    # (HQ, HKV, D, DV, values a view of the keys): the layer benchmark's MQA/GQA, MLA's latents, odd dims
+    for HQ, HKV, D, DV, shared in ((16, 1, 128, 128, False), (16, 4, 128, 128, False), (16, 4, 64, 64, False),
+                                   (12, 1, 288, 256, True), (16, 1, 576, 512, True), (6, 2, 96, 64, False),
+                                   (12, 1, 288, 256, False)):
+        T, K = 64, 32
+        q = torch.randn(1, T, HQ, D, dtype=bf16)
+        k = torch.randn(1, T, HKV, D, dtype=bf16, requires_grad=True)
+        v = k[..., :DV] if shared else torch.randn(1, T, HKV, DV, dtype=bf16)
+        idx = torch.randint(0, T, (1, T, K), dtype=torch.int32)
+        for split in (True, False):
+            sa.SPLIT_HEAD_DIM = split
+            o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, D ** -0.5)
+            sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, torch.randn_like(o), None, D ** -0.5)
+        sa.SPLIT_HEAD_DIM = True
+        doc = torch.zeros(T, dtype=torch.int32)
+        sa.sparse_attention_fwd(q, k, v, idx, doc, D ** -0.5)  # packed documents
+
+
+def case_kl():
+    from hybrid_lm.ops.triton import indexer_kl as kl
+
+    bf16 = torch.bfloat16
+    for HQ, HKV, D in ((16, 1, 128), (16, 4, 64), (12, 1, 288)):
+        T, K = 256, 64
+        q, k = torch.randn(1, T, HQ, D, dtype=bf16), torch.randn(1, T, HKV, D, dtype=bf16)
+        qi = torch.randn(1, T, 4, 64, dtype=bf16, requires_grad=True)
+        ki = torch.randn(1, T, 64, dtype=bf16, requires_grad=True)
+        wi = torch.randn(1, T, 4, requires_grad=True)
+        idx = torch.randint(0, T, (1, T, K))
+        for name in ("sparse", "dense"):
+            fn = getattr(kl, f"indexer_kl_{name}_triton")
+            if name == "sparse":
+                loss = fn(q, k, qi, ki, wi, idx, scale=D ** -0.5, attn_lse=torch.randn(1, T, HQ))
+            else:
+                loss = fn(q, k, qi, ki, wi, scale=D ** -0.5)
+            torch.autograd.grad(loss, [qi, ki, wi], allow_unused=True)
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(CASES):
+        CASES[name]()
+    print(f"ok: {len(COMPILED)} kernel variants compiled for sm_90")
