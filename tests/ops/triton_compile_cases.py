@@ -10,12 +10,14 @@ tensors into pointer types (bf16 where the GPU path uses bf16) and scalars into 
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the launch's num_warps / num_stages.
 The op wrappers run on CPU tensors as on a GPU, so each kernel is compiled with the shapes, constexprs and configs
 a real call would use. Outputs are never written (buffers keep whatever torch.empty gave), so nothing is checked
-but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl]... (prints one line per compiled variant).
+but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl]... (prints one line per compiled variant;
+with PTXAS_USAGE=1 also its registers and spill bytes from `ptxas -v`).
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 
 import torch
@@ -25,6 +27,29 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers per thread and spill bytes from `ptxas -v` on the kernel's PTX ('' if ptxas is not at hand)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = re.search(r"\.target\s+(sm_\w+)", ptx)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        try:
+            out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", arch.group(1) if arch else "sm_90a",
+                                  f.name, "-o", os.devnull], capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+    info = out.stderr + out.stdout
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores", info)
+    return f"{regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} bytes spill stores"
 TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
          torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 COMPILED: dict = {}
@@ -63,8 +88,9 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
                                 options=options)
         COMPILED[key] = kernel
         shown = {k: v for k, v in constexprs.items() if k.isupper() and not isinstance(v, str) or k == "PRECISION"}
-        print(f"compiled {self.fn.__name__} {shown} {options}: {kernel.n_regs if hasattr(kernel, 'n_regs') else ''}"
-              f"{len(kernel.asm['cubin'])} bytes of sm_90 cubin", flush=True)
+        usage = ptxas_usage(kernel.asm["ptx"]) if os.environ.get("PTXAS_USAGE") else ""
+        print(f"compiled {self.fn.__name__} {shown} {options}: {len(kernel.asm['cubin'])} bytes of sm_90 cubin, "
+              f"{kernel.metadata.shared} bytes of shared memory {usage}", flush=True)
     return None
 
 
