@@ -13,7 +13,7 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=pending: what the 2026-12-06 sessions left unmeasured, in one call of about 8 minutes (BENCHMARKS.md)
+# ONLY=pending: what the 2026-12-06 sessions left unmeasured, in one call of about 9 minutes (BENCHMARKS.md)
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want tests; then
@@ -22,8 +22,8 @@ if want tests; then
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
 if want pending; then
-  timeout 120 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE \
-    -k "indexer or threshold or dsa_with or sparse_attention or kth" > "$OUT/tests-pending.log" 2>&1
+  timeout 120 python3 -m pytest tests/gpu/test_dsa_kernels.py tests/gpu/test_rotary_kernel.py -q -p no:cacheprovider \
+    -rfE -k "indexer or threshold or dsa_with or sparse_attention or kth or rotary" > "$OUT/tests-pending.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-pending.log" | cut -c1-200 | head -14
 fi
 cd benchmarks
@@ -37,6 +37,9 @@ if want pending; then
   timeout 120 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 \
     --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1
   grep -v "^{" "$OUT/model-32k.log" | tail -30 | cut -c1-150
+  timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 --rotary-kernel \
+    --out "$OUT/model-32k-rotary.json" > "$OUT/model-32k-rotary.log" 2>&1
+  grep -v "^{" "$OUT/model-32k-rotary.log" | tail -16 | cut -c1-150
 fi
 if want layer; then
   timeout ${LAYER_TIMEOUT:-240} python3 bench_layer.py ${LAYER_ARGS:-} > "$OUT/layer.log" 2>&1

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import ops
+
 
 def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 cos/sin tables `[B, T, dim]` for integer positions `[B, T]`."""
@@ -23,15 +25,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first `cos.shape[-1]` dims of every head of `x [B, T, H, D]` in fp32; the rest pass through.
-
-    x * cos + rotate_half(x) * sin with the half-swap's sign moved onto the small [B, T, 1, R] sin table, and one
-    fp32 copy of x: the same values as the formula, with two fewer passes over the [B, T, H, R] activations."""
-    r = cos.shape[-1]
-    s1, s2 = sin.chunk(2, dim=-1)
-    cos, sin_signed = cos[:, :, None, :], torch.cat([-s1, s2], dim=-1)[:, :, None, :]  # [B, T, 1, R]
-    x_rot, x_pass = x[..., :r], x[..., r:]
-    xf = x_rot.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    y = (xf * cos + torch.cat([x2, x1], dim=-1) * sin_signed).to(x.dtype)
-    return torch.cat([y, x_pass], dim=-1) if x_pass.shape[-1] else y
+    """Rotate the first `cos.shape[-1]` dims of every head of `x [B, T, H, D]` in fp32; the rest pass through
+    (`ops.rotary`: its PyTorch reference, or one Triton kernel each way)."""
+    return ops.rotary(x, cos, sin)

@@ -32,3 +32,17 @@ def test_apply_rope_gradient_is_the_inverse_rotation():
     # the rotation is orthogonal: its gradient rotates g back (by -angle); fp32 math inside
     back = apply_rope(g, cos, -sin)
     torch.testing.assert_close(grad, back, rtol=1e-5, atol=1e-6)
+
+
+def test_rotary_op_rejects_bad_shapes_with_what_to_change():
+    from hybrid_lm import ops
+
+    x = torch.randn(1, 4, 2, 8)
+    cos, sin = rope_cos_sin(torch.arange(4)[None], 8, 100.0)
+    with pytest.raises(ValueError, match=r"cos / sin \[B, T, R\]"):
+        ops.rotary(x, cos[0], sin[0])
+    c, s = rope_cos_sin(torch.arange(4)[None], 10, 100.0)
+    with pytest.raises(ValueError, match="R = 10 must be even and in"):
+        ops.rotary(x, c, s)
+    with pytest.raises(ValueError, match="cannot run here"):
+        ops.rotary(x, cos, sin, backend="triton")  # CPU tensors: the reference only

@@ -10,7 +10,7 @@ tensors into pointer types (bf16 where the GPU path uses bf16) and scalars into 
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the launch's num_warps / num_stages.
 The op wrappers run on CPU tensors as on a GPU, so each kernel is compiled with the shapes, constexprs and configs
 a real call would use. Outputs are never written (buffers keep whatever torch.empty gave), so nothing is checked
-but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl]... (prints one line per compiled variant;
+but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl|rotary]... (prints one line per compiled variant;
 with PTXAS_USAGE=1 also its registers and spill bytes from `ptxas -v`).
 """
 
@@ -159,7 +159,18 @@ def case_kl():
             torch.autograd.grad(loss, [qi, ki, wi], allow_unused=True)
 
 
-CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl}
+def case_rotary():
+    from hybrid_lm.ops.triton.rotary import rotary_launch
+
+    for dtype in (torch.bfloat16, torch.float32):
+        for D, R in ((128, 128), (64, 64), (64, 32), (96, 64), (256, 64)):  # MLA's rope part, Qwen3-Next's quarter
+            x = torch.randn(1, 8, 4, D, dtype=dtype)
+            cos = sin = torch.randn(1, 8, R)
+            rotary_launch(x, cos, sin)
+            rotary_launch(x, cos, sin, backward=True)
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CASES):

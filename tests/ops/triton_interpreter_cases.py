@@ -3,8 +3,8 @@
 Run by tests/ops/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
 before the kernels are defined). The same checks as tests/gpu/, on shapes small enough for the interpreter:
 indexer top-k (threshold selection with its exact fallback and tie rule, full scores + torch.topk), sparse
-attention forward and backward, and both indexer KL losses with their gradients. fp32 throughout: the interpreter
-has no bf16 arithmetic of its own. Usage: python triton_interpreter_cases.py [topk|sparse|kl]...
+attention forward and backward, both indexer KL losses with their gradients, and the rotary embedding kernel. fp32 throughout: the interpreter
+has no bf16 arithmetic of its own. Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary]...
 """
 
 from __future__ import annotations
@@ -182,7 +182,28 @@ def case_kl():
             assert max(errs) < 1e-4
 
 
-CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl}
+def case_rotary():
+    """The rotary kernel against the reference: partial and full rotation, strided x (a slice of a wider tensor),
+    fp32; values and gradients (the backward kernel is the transposed rotation)."""
+    from hybrid_lm.layers.rope import rope_cos_sin
+    from hybrid_lm.ops.triton.rotary import rotary_triton
+
+    for B, T, H, D, R in ((2, 19, 3, 16, 16), (1, 33, 5, 24, 8), (1, 7, 2, 64, 32)):
+        wide = torch.randn(B, T, H, D + 6)
+        x = wide[..., 3:3 + D].clone().requires_grad_() if R < D else wide[..., :D].requires_grad_()
+        pos = torch.randint(0, 1000, (B, T))
+        cos, sin = rope_cos_sin(pos, R, 10000.0)
+        g = torch.randn(B, T, H, D)
+        y = rotary_triton(x, cos, sin)
+        (dx,) = torch.autograd.grad(y, x, g)
+        y_r = ops.rotary(x, cos, sin, backend="reference")
+        (dx_r,) = torch.autograd.grad(y_r, x, g)
+        errs = [rel_err(y, y_r), rel_err(dx, dx_r)]
+        print(f"rotary B={B} T={T} H={H} D={D} R={R}: rel. errors y, dx " + " ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < 1e-6
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CASES):

@@ -5,7 +5,9 @@
   radix-select kernel as options);
 - ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``);
 - ``indexer_kl_dense`` / ``indexer_kl_sparse``: the indexer's KL losses, forward and backward, streamed over the
-  keys without a [T, T] tensor (``indexer_kl.py``).
+  keys without a [T, T] tensor (``indexer_kl.py``);
+- ``rotary``: rotary embeddings in one pass each way (``rotary.py``; below the reference under ``"auto"`` until
+  timed on a GPU).
 
 Importing this package imports no triton and queries no device: the kernel modules load on first use, and the
 backends report themselves available only for CUDA tensors with triton importable. Shapes follow the ops.
@@ -17,7 +19,7 @@ import torch
 
 from ..backends import has_triton, register_backend
 
-__all__ = ["TRITON_PRIORITY"]
+__all__ = ["TRITON_PRIORITY", "prefer_rotary_kernel"]
 
 # above "reference" (0) and "sdpa"-like torch paths (50): the kernels win under backend="auto" on CUDA
 TRITON_PRIORITY = 100
@@ -71,3 +73,24 @@ register_backend("indexer_kl_dense", "triton", _kl_dense, available=_indexer_ava
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton")
 register_backend("indexer_kl_sparse", "triton", _kl_sparse, available=_indexer_available,
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton", supports=_needs_lse)
+
+
+def _rotary(x, cos, sin):
+    from .rotary import rotary_triton
+
+    return rotary_triton(x, cos, sin)
+
+
+# below "reference" (0) under "auto" until its GPU test (tests/gpu/test_rotary_kernel.py) and a timing have run:
+# it is checked in triton's interpreter and compiled for sm_90 on the CPU only (2026-12-06); backend="triton" or
+# ROTARY_PRIORITY = TRITON_PRIORITY picks it
+ROTARY_PRIORITY = -10
+
+
+def prefer_rotary_kernel(on: bool = True) -> None:
+    """Let "auto" pick the rotary kernel on CUDA (on) or the reference (off): benchmarks compare the two."""
+    register_backend("rotary", "triton", _rotary, available=_indexer_available,
+                     priority=TRITON_PRIORITY if on else ROTARY_PRIORITY, requires="a CUDA device and triton")
+
+
+prefer_rotary_kernel(False)
