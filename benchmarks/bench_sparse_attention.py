@@ -101,7 +101,7 @@ MLA_SHAPES = [(12, 288, 256), (16, 576, 512)]  # (heads, latent + rotary key dim
 def mla(T, rows):
     """MLA's absorbed form (one latent KV head; values = the keys' first DV dims), forward and backward: head dims
     split into a power-of-2 block + tail with the values gathered once from the keys' rows (sa.SPLIT_HEAD_DIM = True,
-    opt-in until timed), against one padded block with the values gathered separately (the default), same run."""
+    the default), against one padded block with the values gathered separately (the previous kernels), same run."""
     for HQ_, D_, DV_ in MLA_SHAPES:
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(1, T, HQ_, D_, device="cuda", generator=g, dtype=torch.bfloat16)

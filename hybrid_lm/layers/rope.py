@@ -19,11 +19,6 @@ def rope_cos_sin(position_ids: torch.Tensor, dim: int, theta: float) -> tuple[to
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the first `cos.shape[-1]` dims of every head of `x [B, T, H, D]` in fp32; the rest pass through
     (`ops.rotary`: its PyTorch reference, or one Triton kernel each way)."""

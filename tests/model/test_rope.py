@@ -4,7 +4,12 @@ rotates only the first R dims, and preserves each rotated pair's norm."""
 import pytest
 import torch
 
-from hybrid_lm.layers.rope import apply_rope, rope_cos_sin, rotate_half
+from hybrid_lm.layers.rope import apply_rope, rope_cos_sin
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

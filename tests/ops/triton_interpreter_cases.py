@@ -3,8 +3,9 @@
 Run by tests/ops/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
 before the kernels are defined). The same checks as tests/gpu/, on shapes small enough for the interpreter:
 indexer top-k (threshold selection with its exact fallback and tie rule, full scores + torch.topk), sparse
-attention forward and backward, both indexer KL losses with their gradients, and the rotary embedding kernel. fp32 throughout: the interpreter
-has no bf16 arithmetic of its own. Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary]...
+attention forward and backward, both indexer KL losses with their gradients, and the rotary embedding kernel.
+fp32 throughout: the interpreter has no bf16 arithmetic of its own.
+Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary]...
 """
 
 from __future__ import annotations
@@ -126,10 +127,6 @@ def check_split_head_dim_and_shared_values():
     from hybrid_lm.ops.triton import sparse_attention as sa
 
     assert sa.SPLIT_HEAD_DIM  # the default
-    _check_split_head_dim_and_shared_values(sa)
-
-
-def _check_split_head_dim_and_shared_values(sa):
     assert sa.split_head_dim(96) == (64, 32) and sa.split_head_dim(288) == (256, 32)
     assert sa.split_head_dim(576) == (512, 64) and sa.split_head_dim(128) == (128, 0)
     assert sa.split_head_dim(200) == (256, 0)  # 128 + 128 would not be narrower
@@ -143,15 +140,12 @@ def _check_split_head_dim_and_shared_values(sa):
         v = k[..., :DV] if shared else torch.randn(1, T, 1, DV, requires_grad=True)
         assert sa.values_in_keys(k, v) == shared and not sa.values_in_keys(k, v.detach())
         leaves = [q, k] if shared else [q, k, v]
-        outs = {}
-        for backend in ("triton", "reference"):
-            if backend == "triton":  # the op routes CPU tensors away from triton; the interpreter runs it here
-                o, lse = sa.sparse_attention_triton(q, k, v, idx, scale=D ** -0.5, return_lse=True)
-            else:
-                o, lse = ops.sparse_attention(q, k, v, idx, return_lse=True, backend=backend)
-            outs[backend] = [o, lse] + list(torch.autograd.grad([o, lse], leaves, [torch.ones_like(o).cos(),
-                                                                                   torch.ones_like(lse)]))
-        errs = [rel_err(a, b) for a, b in zip(outs["triton"], outs["reference"])]
+        # the op routes CPU tensors away from triton: the interpreter runs the backend function directly
+        got = sa.sparse_attention_triton(q, k, v, idx, scale=D ** -0.5, return_lse=True)
+        want = ops.sparse_attention(q, k, v, idx, return_lse=True, backend="reference")
+        outs = [list(ol) + list(torch.autograd.grad(ol, leaves, [torch.ones_like(ol[0]).cos(),
+                                                                  torch.ones_like(ol[1])])) for ol in (got, want)]
+        errs = [rel_err(a, b) for a, b in zip(*outs)]
         print(f"sparse attention {name}: rel. errors o, lse, grads " + " ".join(f"{e:.1e}" for e in errs))
         assert max(errs) < 1e-4, name
 

@@ -83,7 +83,7 @@ def _rotary(x, cos, sin):
 
 # below "reference" (0) under "auto" until its GPU test (tests/gpu/test_rotary_kernel.py) and a timing have run:
 # it is checked in triton's interpreter and compiled for sm_90 on the CPU only (2026-12-06); backend="triton" or
-# ROTARY_PRIORITY = TRITON_PRIORITY picks it
+# prefer_rotary_kernel() picks it
 ROTARY_PRIORITY = -10
 
 

@@ -169,12 +169,13 @@ def _sparse_bwd_kernel(
         tl.store(dq_row + dt_r[None, :], (dq_tail * scale).to(DQ.dtype.element_ty), mask=tmask)
 
 
-def split_head_dim(D: int) -> tuple[int, int]:
+def split_head_dim(D: int, split: bool = True) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_DT): q/k head dims as a power-of-2 main part plus a power-of-2 tail (0: none) where that is
-    narrower than one padded block: MLA's 288 = 256 + 32 and 576 = 512 + 64 instead of 512 and 1024."""
+    narrower than one padded block: MLA's 288 = 256 + 32 and 576 = 512 + 64 instead of 512 and 1024. `split`
+    False: always the one padded block."""
     full = max(16, triton.next_power_of_2(D))
     main = full // 2
-    if main >= 16 and D > main:
+    if split and main >= 16 and D > main:
         tail = max(16, triton.next_power_of_2(D - main))
         if main + tail < full:
             return main, tail
@@ -191,7 +192,7 @@ SPLIT_HEAD_DIM = True
 
 def _config(G: int, D: int, DV: int, block_k: int, v_in_k: bool = False) -> dict:
     block_h = max(16, triton.next_power_of_2(G))
-    block_d, block_dt = split_head_dim(D) if SPLIT_HEAD_DIM else (max(16, triton.next_power_of_2(D)), 0)
+    block_d, block_dt = split_head_dim(D, SPLIT_HEAD_DIM)
     block_dv = max(16, triton.next_power_of_2(DV))
     # wider heads (MLA's 576) shrink the key block so the gathered tiles still fit in registers
     block_k = max(16, block_k * 128 // max(128, triton.next_power_of_2(block_d + block_dt), block_dv))
@@ -203,10 +204,10 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether v is a view of k's first DV head dims (MLA's absorbed form: the values are the latent, the keys the
     latent plus the rotary part) with DV a power of 2 equal to the keys' main block: the kernels then gather each
     row once and scatter one gradient."""
-    DV = v.shape[-1]
-    # the same autograd storage (not a detached alias): v's gradient may then be added into k's
     if not SPLIT_HEAD_DIM:
         return False
+    DV = v.shape[-1]
+    # the same autograd storage (not a detached alias): v's gradient may then be added into k's
     same_base = v._base is not None and (v._base is k or v._base is k._base)
     return (same_base and v.data_ptr() == k.data_ptr() and v.stride() == k.stride() and v.shape[:3] == k.shape[:3]
             and v.dtype == k.dtype and split_head_dim(k.shape[-1])[0] == DV == triton.next_power_of_2(DV)
