@@ -28,7 +28,9 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
 `--profile N` runs one more step under torch.profiler and keeps the N kernels with the most self device time
 (`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
 (`compile: true` in a training config does the same); its compile time falls into the warm-up steps.
-`--rotary-kernel` routes rotary embeddings through the Triton kernel (ops.rotary's "auto" keeps the reference).
+Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
+through the fp32 PyTorch reference instead (the default before 2026-12-06 run 11; rows then end in
+`-rotary-reference`, and rows of runs 10-11 ending in `-rotary-kernel` used the kernel when it was opt-in).
 
 A row that fails (out of memory, a missing kernel) is recorded with its error in `note` and the run goes on; rows
 left when the `--budget-s` wall-clock budget is spent are recorded as skipped. The JSON is rewritten after every
@@ -154,8 +156,8 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         print(f"{name} T={T}: top kernels of one step (ms, share of kernel time)")
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
-    impl = f"train-bf16-{stage}" + ("-compiled" if args.compile else "") + ("-rotary-kernel" if args.rotary_kernel
-                                                                            else "")
+    impl = f"train-bf16-{stage}" + ("-compiled" if args.compile else "") + (
+        "-rotary-reference" if args.rotary_reference else "")
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
@@ -191,8 +193,8 @@ def main(argv=None) -> list:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one more step and keep its N costliest kernels (0: off)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
-    ap.add_argument("--rotary-kernel", action="store_true",
-                    help="rotary embeddings through the Triton kernel (default: the PyTorch reference)")
+    ap.add_argument("--rotary-reference", action="store_true",
+                    help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
     ap.add_argument("--peak-tflops", type=float, help="the card's peak dense bf16 TFLOPS (default: from its name)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help=f"smoke mode: {' '.join(TINY_CONFIGS)} at T 32 64, "
@@ -206,10 +208,10 @@ def main(argv=None) -> list:
         args.tokens, args.warmup, args.steps = min(args.tokens, 64), 1, 1
     configs, contexts = args.configs or DEFAULT_CONFIGS, args.T or [4096, 16384, 32768]
     device = torch.device(args.device)
-    if args.rotary_kernel:
+    if args.rotary_reference:
         from hybrid_lm.ops.triton import prefer_rotary_kernel
 
-        prefer_rotary_kernel(True)
+        prefer_rotary_kernel(False)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu --tiny for the smoke test")
     peak = peak_tflops_of(device, args.peak_tflops)

@@ -37,7 +37,7 @@ if want pending; then
   timeout 120 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 \
     --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1
   grep -v "^{" "$OUT/model-32k.log" | tail -30 | cut -c1-150
-  timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 --rotary-kernel \
+  timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 --rotary-reference \
     --out "$OUT/model-32k-rotary.json" > "$OUT/model-32k-rotary.log" 2>&1
   grep -v "^{" "$OUT/model-32k-rotary.log" | tail -16 | cut -c1-150
 fi

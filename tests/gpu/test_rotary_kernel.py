@@ -31,14 +31,14 @@ def test_rotary_kernel_matches_reference(dtype, B, T, H, D, R):
     assert torch.equal(y[..., R:], x[..., R:])
 
 
-def test_auto_keeps_the_reference_until_the_kernel_is_timed():
+def test_auto_picks_the_kernel_and_the_switch_restores_the_reference():
     from hybrid_lm.ops.triton import prefer_rotary_kernel
 
     dev = torch.device("cuda")
-    assert backends.resolve_backend("rotary", "auto", dev, torch.bfloat16) == "reference"
-    assert backends.resolve_backend("rotary", "triton", dev, torch.bfloat16) == "triton"
+    assert backends.resolve_backend("rotary", "auto", dev, torch.bfloat16) == "triton"
+    assert backends.resolve_backend("rotary", "reference", dev, torch.bfloat16) == "reference"
     try:
-        prefer_rotary_kernel(True)
-        assert backends.resolve_backend("rotary", "auto", dev, torch.bfloat16) == "triton"
-    finally:
         prefer_rotary_kernel(False)
+        assert backends.resolve_backend("rotary", "auto", dev, torch.bfloat16) == "reference"
+    finally:
+        prefer_rotary_kernel(True)
