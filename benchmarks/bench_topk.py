@@ -8,7 +8,11 @@ Scores: the Triton index-score kernel's output for the last R query rows of a T-
 selection) with each selection, against the chunked PyTorch reference on the GPU; the threshold selection's
 rows are checked against torch.topk's (same index sets) and its exact-fallback rows counted.
 
-    python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096] [--stages]
+`--candidates`: the candidate pass alone over its configs (BLOCK_M, BLOCK_N, num_warps) with and without ranking
+exact ties in the kernel, beside a floor kernel that computes the same scores and only counts the keys at or above
+the threshold (no compaction, no stores): the gap is what keeping candidates in position order costs.
+
+    python benchmarks/bench_topk.py [--T 16384 65536] [--rows 4096] [--stages | --candidates]
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
+import triton.language as tl
 from common import bench_ms, guarded, print_table, row, save
 
 from hybrid_lm.ops.indexer import _topk_reference
@@ -99,13 +105,77 @@ def stages(T, R, rows):
         rows.append(row("threshold_stage", name, T, fwd_ms=bench_ms(fn), rows=R))
 
 
+@triton.jit
+def _count_above_kernel(
+    Q, K_, W, TAU, LO, HI_, CNT, t0, t1, Tk, sq_b, sq_t, sk_b, sk_t, sw_b, sw_t,
+    HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The candidate pass's floor: the same score tiles over the same keys, counting those at or above tau."""
+    pid_m = tl.program_id(0)
+    row0 = t0 + pid_m * BLOCK_M
+    q, w = it._query_block(Q, W, 0, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
+    rows = row0 + tl.arange(0, BLOCK_M)
+    valid_row, row_lo, row_hi, lo, hi = it._row_ranges(LO, HI_, rows, t1)
+    tau = tl.load(TAU + (rows - t0), mask=valid_row, other=float("inf"))
+    total = tl.zeros([BLOCK_M], tl.int32)
+    for n0 in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        scores = it._score_tile(q, w, K_, keys, sk_t, Tk, DI, BLOCK_DI, BLOCK_M, HI_P2, BLOCK_N, PRECISION)
+        seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
+        total += tl.sum((seen & (scores >= tau[:, None])).to(tl.int32), 1)
+    tl.store(CNT + (rows - t0), total, mask=valid_row)
+
+
+CANDIDATE_CONFIGS = [(32, 64, 8), (32, 128, 8), (64, 64, 8), (16, 64, 4), (32, 64, 4), (64, 128, 8)]
+
+
+def candidates(T, R, rows):
+    """The candidate pass on the last R rows per config and tie mode, its floor, and the counts each one gives."""
+    q, k, w = inputs(T)
+    lo, hi = it._visible_range(T, T, None, q.device)
+    t0, t1 = T - R, T
+    bufs = it.threshold_buffers(R, T, TOPK, q.device)
+    tau = it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK, bufs["samples"]).contiguous()
+    flops = 2.0 * HI * DI * R * (T - R / 2)
+    ref = None
+    for cfg in CANDIDATE_CONFIGS:
+        for rank_ties in (True, False):
+            fn = lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs, config=cfg, rank_ties=rank_ties)
+            _, cand_i, count, total = fn()
+            got = (count.clone(), cand_i.clone(), total.clone())
+            ref = ref or got
+            same = all(torch.equal(a, b) for a, b in zip(got, ref))
+            ms = bench_ms(fn)
+            rows.append(row("candidate_pass", f"{cfg}{'-rank-ties' if rank_ties else '-keep-ties'}", T, fwd_ms=ms,
+                            tflops=flops / ms / 1e9, rows=R, same_as_first=same))
+            print(rows[-1], flush=True)
+    count = torch.empty(R, device="cuda", dtype=torch.int32)
+    for bm, bn, nw in CANDIDATE_CONFIGS[:3]:
+        args = it._tile_args(q, bm)
+        fn = lambda: _count_above_kernel[(triton.cdiv(R, args["BLOCK_M"]),)](
+            q, k, w, tau, lo, hi, count, t0, t1, T, q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0),
+            w.stride(1), **args, BLOCK_N=bn, num_warps=nw)
+        ms = bench_ms(fn)
+        rows.append(row("candidate_pass", f"floor-count-only{(bm, bn, nw)}", T, fwd_ms=ms, tflops=flops / ms / 1e9,
+                        rows=R, same_as_first=bool(torch.equal(count[None], ref[2]))))
+        print(rows[-1], flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--rows", type=int, default=4096)
     ap.add_argument("--stages", action="store_true", help="only time the threshold selection's steps")
+    ap.add_argument("--candidates", action="store_true", help="only the candidate pass: configs, tie modes, floor")
     args = ap.parse_args()
     rows = []
+    if args.candidates:
+        for T in args.T:
+            guarded(rows, "candidate_pass", lambda: candidates(T, min(args.rows, T), rows))
+        save(rows, "topk-candidates")
+        print_table(rows, cols=("op", "impl", "T", "rows", "fwd_ms", "tflops", "same_as_first"))
+        return
     if args.stages:
         for T in args.T:
             guarded(rows, "threshold_stage", lambda: stages(T, min(args.rows, T), rows))

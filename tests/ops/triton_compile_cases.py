@@ -115,6 +115,8 @@ def case_topk():
             cand = it.keep_candidates(q, k, w, torch.zeros(1, 64), *it._visible_range(T, T, None, "cpu"),
                                       0, 64, topk, bufs)
             it.select_candidates(*cand[:3], 0, torch.empty(1, T, topk, dtype=torch.int64), topk, kth=kth)
+        it.keep_candidates(q, k, w, torch.zeros(1, 64), *it._visible_range(T, T, None, "cpu"), 0, 64, topk, bufs,
+                           rank_ties=False)
 
 
 def case_sparse():
@@ -130,8 +132,9 @@ def case_sparse():
         k = torch.randn(1, T, HKV, D, dtype=bf16, requires_grad=True)
         v = k[..., :DV] if shared else torch.randn(1, T, HKV, DV, dtype=bf16)
         idx = torch.randint(0, T, (1, T, K), dtype=torch.int32)
-        for split in (True, False):
+        for split, vector in ((True, True), (True, False), (False, True)):
             sa.SPLIT_HEAD_DIM = split
+            sa._vector_atomics = lambda device, vector=vector: vector  # as on an H100
             o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, D ** -0.5)
             sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, torch.randn_like(o), None, D ** -0.5)
         sa.SPLIT_HEAD_DIM = True

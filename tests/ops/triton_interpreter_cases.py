@@ -72,6 +72,14 @@ def case_topk():
     # the candidate buffer, which only the tie cap keeps off the exact path
     n = check_topk("large ties", *index_inputs(400, negative_rows=200, zero_keys=2), 40, select="threshold")
     assert n <= 4, f"{n} rows fell back: the tie cap is not working"
+    it.RANK_TIES = False  # every tie kept: the rows whose ties overflow the buffer are redone exactly, still equal
+    try:
+        check_topk("threshold, ties kept", q, k, w, 64, select="threshold")
+        n = check_topk("large ties kept -> exact rows", *index_inputs(400, negative_rows=200, zero_keys=2), 40,
+                       select="threshold")
+        assert n > 100, "without the tie cap the tied rows must overflow into the exact path"
+    finally:
+        it.RANK_TIES = True
     check_kth_search()
 
 

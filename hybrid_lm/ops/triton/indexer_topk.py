@@ -122,12 +122,14 @@ def _candidates_kernel(
     sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
+    RANK_TIES: tl.constexpr = True,
 ):
     """Stream over a row block's visible keys and keep, in position order, every key scoring above the row's
-    threshold and the first TOPK keys scoring exactly the threshold (no later tie can be selected: the reference
-    keeps the earliest): values and offsets (key - first visible key) into CV / CI [B, rows, CAP]. CNT counts the
-    kept keys, also those that did not fit (CNT > CAP: overflow); TOT counts every key at or above the threshold
-    (TOT < min(topk, visible keys): the threshold was too high)."""
+    threshold and (RANK_TIES) only the first TOPK keys scoring exactly the threshold (no later tie can be selected:
+    the reference keeps the earliest), or (not RANK_TIES) every tie too, one prefix product a tile instead of two
+    (a row whose ties overflow CAP is then redone exactly): values and offsets (key - first visible key) into
+    CV / CI [B, rows, CAP]. CNT counts the kept keys, also those that did not fit (CNT > CAP: overflow); TOT counts
+    every key at or above the threshold (TOT < min(topk, visible keys): the threshold was too high)."""
     pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row0 = t0 + pid_m * BLOCK_M
     q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
@@ -146,19 +148,23 @@ def _candidates_kernel(
         keys = n0 + j
         scores = _score_tile(q, w, K_ + b * sk_b, keys, sk_t, Tk, DI, BLOCK_DI, BLOCK_M, HI_P2, BLOCK_N, PRECISION)
         seen = (keys[None, :] >= row_lo[:, None]) & (keys[None, :] < row_hi[:, None])
-        gt = seen & (scores > tau[:, None])
-        eq = seen & (scores == tau[:, None])
-        # (ranking ties only in tiles that have any, under an `if`, failed to compile on an H100 with triton 3.6)
-        tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
-        keep = gt | (eq & (tie_rank <= TOPK))
+        if RANK_TIES:
+            gt = seen & (scores > tau[:, None])
+            eq = seen & (scores == tau[:, None])
+            # (ranking ties only in tiles that have any, under an `if`, failed to compile on an H100, triton 3.6)
+            tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
+            keep = gt | (eq & (tie_rank <= TOPK))
+            n_eq = tl.sum(eq.to(tl.int32), 1)
+            ties += n_eq
+            total += tl.sum(gt.to(tl.int32), 1) + n_eq
+        else:
+            keep = seen & (scores >= tau[:, None])
+            total += tl.sum(keep.to(tl.int32), 1)
         slot = count[:, None] + tl.dot(keep.to(tl.float16), upper).to(tl.int32) - 1
         put = keep & (slot < CAP)
         tl.store(CV + base + slot, scores, mask=put)
         tl.store(CI + base + slot, keys[None, :] - row_lo[:, None], mask=put)
         count += tl.sum(keep.to(tl.int32), 1)
-        n_eq = tl.sum(eq.to(tl.int32), 1)
-        ties += n_eq
-        total += tl.sum(gt.to(tl.int32), 1) + n_eq
     tl.store(CNT + b * sn_b + (rows - t0), count, mask=valid_row)
     tl.store(TOT + b * sn_b + (rows - t0), total, mask=valid_row)
 
@@ -382,8 +388,16 @@ def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
     return torch.topk(samples, rank, dim=-1, sorted=True).values[..., -1].contiguous()
 
 
-def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_n=64, num_warps=8):
-    """Candidate values, offsets [B, rows, CAP] and the counts `count` (kept) and `total` (at or above tau)."""
+# the candidate pass: (BLOCK_M query rows, BLOCK_N keys a tile, num_warps) and whether exact ties with a row's
+# threshold are ranked in the kernel (see _candidates_kernel; `bench_topk.py --candidates` times the choices)
+CANDIDATE_CONFIG = (32, 64, 8)
+RANK_TIES = True
+
+
+def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, config=None, rank_ties=None):
+    """Candidate values, offsets [B, rows, CAP] and the counts `count` (kept) and `total` (at or above tau).
+    `config` (BLOCK_M, BLOCK_N, num_warps) and `rank_ties` default to CANDIDATE_CONFIG and RANK_TIES."""
+    block_m, block_n, num_warps = config or CANDIDATE_CONFIG
     B, c, cap = q.shape[0], t1 - t0, threshold_plan(topk)[2]
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
@@ -393,7 +407,8 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, block_m=32, block_
     _candidates_kernel[(triton.cdiv(c, args["BLOCK_M"]), B)](
         q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
-        cand_v.stride(1), count.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk, num_warps=num_warps,
+        cand_v.stride(1), count.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk,
+        RANK_TIES=RANK_TIES if rank_ties is None else rank_ties, num_warps=num_warps,
     )
     return cand_v, cand_i, count, total
 
