@@ -4,7 +4,9 @@ One training step, as the trainer runs it: forward + LM loss (+ the DSA indexer'
 backward + a fused AdamW step, fp32 weights under bf16 autocast, `B = max(1, --tokens // T)` rows of T tokens
 (4 rows at 4k, one row at 16k and 32k by default). Per row: the median of `--steps` timed steps after `--warmup`
 steps (which also pay Triton's compile and autotune), forward alone (no grad) the same way, and the peak memory of
-the step, optimizer state included.
+the step, optimizer state included. The LM loss is the chunked LM head + cross-entropy the trainer uses
+(`return_logits=False`: no [B, T, V] logits; rows say `lm_loss: chunked`; rows without that field, runs up
+to 11 on 2026-12-06, held the full logits and their fp32 copies).
 
 Model FLOPs per token (forward; `HybridLM.flops_per_token(T)`, the FLOPs `hybrid-lm zoo` lists):
     2 * (every matmul weight: all parameters but the input embedding; a tied LM head still counts; MoE counts
@@ -28,6 +30,8 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
 `--profile N` runs one more step under torch.profiler and keeps the N kernels with the most self device time
 (`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
 (`compile: true` in a training config does the same); its compile time falls into the warm-up steps.
+`--activation-checkpointing` recomputes each block's activations in the backward, as `activation_checkpointing:
+true` in a training config does (rows end in `-ckpt`).
 Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
 through the fp32 PyTorch reference instead (the default before 2026-12-06 run 11; rows then end in
 `-rotary-reference`, and rows of runs 10-11 ending in `-rotary-kernel` used the kernel when it was opt-in).
@@ -127,13 +131,14 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     has_dsa = any(cfg.mixer_type(t) == "dsa" for t in cfg.layer_types)
     stage = args.dsa_stage if has_dsa else "none"
     model.set_dsa_stage(stage)
+    model.set_activation_checkpointing(args.activation_checkpointing)
     run = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda" or None)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
 
     def step():
         with autocast(device):
-            out = run(ids, labels=ids, collect_metrics=False)  # no dense recall diagnostic
+            out = run(ids, labels=ids, collect_metrics=False, return_logits=False)  # no dense recall diagnostic
         loss = out.loss.float() + (out.aux_loss.float() if stage == "sparse" else 0.0)
         loss.backward()
         opt.step()
@@ -141,7 +146,7 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
 
     def forward():
         with torch.no_grad(), autocast(device):
-            run(ids, labels=ids, collect_metrics=False)
+            run(ids, labels=ids, collect_metrics=False, return_logits=False)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -157,12 +162,13 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
     impl = f"train-bf16-{stage}" + ("-compiled" if args.compile else "") + (
-        "-rotary-reference" if args.rotary_reference else "")
+        "-rotary-reference" if args.rotary_reference else "") + ("-ckpt" if args.activation_checkpointing else "")
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
                non_embedding_m=model.num_parameters(exclude_embeddings=True) / 1e6,
-               train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage, profile=prof)
+               train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage, profile=prof,
+               lm_loss="chunked", activation_checkpointing=args.activation_checkpointing)
 
 
 def failed(name: str, T: int, e: BaseException) -> dict:
@@ -193,6 +199,8 @@ def main(argv=None) -> list:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one more step and keep its N costliest kernels (0: off)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block's activations in the backward (rows end in -ckpt)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
     ap.add_argument("--peak-tflops", type=float, help="the card's peak dense bf16 TFLOPS (default: from its name)")

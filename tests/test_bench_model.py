@@ -1,5 +1,6 @@
 """benchmarks/bench_model.py's CPU smoke mode: a training step of the tiny hybrid is timed, its FLOPs and MFU follow
-the formula of the script's docstring, and failing or over-budget rows are recorded instead of ending the run."""
+the formula of the script's docstring, `--activation-checkpointing` reaches the model and names the row, and failing or
+over-budget rows are recorded instead of ending the run."""
 
 import importlib.util
 import json
@@ -27,6 +28,7 @@ def test_tiny_cpu_run_measures_and_records_failures(bench, tmp_path):
     assert [(r["op"], r["T"]) for r in rows] == [("tiny-hybrid", 32), ("tiny-hybrid", 4096)]
     ok, too_long = rows
     assert ok["impl"] == "train-bf16-sparse" and ok["B"] == 2 and ok.get("note") is None  # 64 tokens a step
+    assert ok["lm_loss"] == "chunked" and ok["activation_checkpointing"] is False
     assert ok["fwdbwd_ms"] > 0 and ok["fwd_ms"] > 0 and ok["card"].startswith("cpu")
     model = hybrid_lm.build_model(hybrid_lm.load_config(SCRIPT.parents[1] / "model_configs" / "tiny-hybrid.yaml"),
                                   device="meta")
@@ -35,6 +37,22 @@ def test_tiny_cpu_run_measures_and_records_failures(bench, tmp_path):
     assert ok["tflops"] == pytest.approx(ok["tokens_per_s"] * ok["train_gflops_per_token"] / 1e3)
     assert ok["mfu"] == pytest.approx(ok["tflops"] / 0.5)
     assert too_long["impl"] == "error" and "max_position_embeddings = 2048" in too_long["note"]
+
+
+def test_activation_checkpointing_flag_names_the_row_and_reaches_the_model(bench, tmp_path, monkeypatch):
+    seen = []
+    original = hybrid_lm.HybridLM.set_activation_checkpointing
+    monkeypatch.setattr(hybrid_lm.HybridLM, "set_activation_checkpointing",
+                        lambda self, on=True: seen.append(on) or original(self, on))
+    forward, logits = hybrid_lm.HybridLM.forward, set()
+    monkeypatch.setattr(hybrid_lm.HybridLM, "forward",
+                        lambda self, *a, **k: logits.add(k.get("return_logits", True)) or forward(self, *a, **k))
+    out = tmp_path / "model.json"
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--activation-checkpointing", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["impl"] == "train-bf16-sparse-ckpt" and r["activation_checkpointing"] is True and r.get("note") is None
+    assert r["lm_loss"] == "chunked" and r["fwdbwd_ms"] > 0 and seen == [True]
+    assert logits == {False}  # the step and the forward alone both take the chunked loss, as the trainer does
 
 
 def test_rows_past_the_time_budget_are_skipped(bench, tmp_path):

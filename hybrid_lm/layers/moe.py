@@ -230,7 +230,7 @@ class MoE(nn.Module):
             aux = moe_aux_loss(scores, counts, cfg.num_experts_per_tok)
             seq.aux_losses.append(cfg.aux_loss_coef * aux)
             seq.metrics[f"{name}/aux_loss"] = aux.detach()
-        elif cfg.balancing == "bias":
+        elif cfg.balancing == "bias" and not seq.recomputing:  # checkpointing's recomputation: counted already
             pending = counts.float() if self._pending_load is None else self._pending_load + counts
             self._pending_load = pending.detach()
 

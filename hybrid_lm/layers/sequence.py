@@ -1,11 +1,16 @@
 """What every mixer receives beside its hidden states: positions, document boundaries, decoding offset, and a
 place to report auxiliary losses and metrics (the DSA indexer's KL, attention recall).
 
+Under activation checkpointing a block's forward runs twice; the backward's recomputation gets
+`seq.for_recompute()`, whose reports go nowhere and whose `recomputing` flag tells layers to skip other side effects
+(MoE's load counts).
+
 Shapes: `position_ids [B, T]`; `cu_seqlens [N + 1]` (batch 1, N packed documents).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +26,13 @@ class SequenceInfo:
     aux_losses: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
     collect_metrics: bool = True  # False skips diagnostics that cost real time (DSA's dense attention recall)
+    recomputing: bool = False  # True in activation checkpointing's recomputation: record no side effects
     _rope: dict = field(default_factory=dict)
+
+    def for_recompute(self) -> "SequenceInfo":
+        """The same positions and boundaries (and rotary cache) with fresh places to report to, which nobody reads,
+        no costly diagnostics, and `recomputing` set."""
+        return dataclasses.replace(self, aux_losses=[], metrics={}, collect_metrics=False, recomputing=True)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[B, T, dim]`, computed once per forward for each (dim, theta)."""

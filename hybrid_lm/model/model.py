@@ -3,6 +3,12 @@
 Architectures differ only in their config. `cu_seqlens` packs documents into one row (batch 1) so that no token
 sees another document; labels follow the Hugging Face convention (shifted inside; -100 ignored), and predictions
 across a document boundary are masked. Shapes: `input_ids [B, T]`, `x [B, T, C]`, `logits [B, T, V]`.
+
+Two memory savers for training (both leave the numbers unchanged): `forward(..., labels=..., return_logits=False)`
+computes the loss with the chunked LM head + cross-entropy of `loss.py` and never holds the `[B, T, V]` logits
+(`logits` is then None); `set_activation_checkpointing(True)` recomputes each block's activations in the backward
+instead of keeping them (`torch.utils.checkpoint`, non-reentrant), with the blocks' auxiliary losses, metrics and MoE
+loads recorded once, by the original forward only.
 """
 
 from __future__ import annotations
@@ -13,17 +19,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig, validate_config
 from ..layers import DSA_STAGES, DeepSeekSparseAttention, MoE, RMSNorm, SequenceInfo
 from .block import Block
 from .cache import Cache
 from .generation import generate
+from .loss import linear_cross_entropy, next_token_targets
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the loss was computed chunked (`return_logits=False`)
     loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     metrics: dict = field(default_factory=dict)
@@ -41,6 +49,8 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.activation_checkpointing = False  # see set_activation_checkpointing
+        self.loss_chunk_size: int | None = None  # tokens per chunk of the chunked loss; None: ~0.5 GiB fp32 logits
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------------------------- init
@@ -99,34 +109,71 @@ class HybridLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, cache: Cache | None = None,
-                output_hidden_states: bool = False, collect_metrics: bool = True) -> LMOutput:
+                output_hidden_states: bool = False, collect_metrics: bool = True,
+                return_logits: bool = True) -> LMOutput:
         """`collect_metrics=False` skips the per-layer diagnostics that cost time (DSA's attention recall is a
-        dense O(T^2) pass); auxiliary losses and their cheap metrics (the indexer KL) are always reported."""
+        dense O(T^2) pass); auxiliary losses and their cheap metrics (the indexer KL) are always reported.
+
+        `return_logits=False` (needs `labels`) computes the same loss with the chunked LM head + cross-entropy
+        (`linear_cross_entropy`, `self.loss_chunk_size` tokens at a time) and returns `logits=None`: what training
+        wants, since the `[B, T, V]` logits and their fp32 copies dominate memory at long contexts."""
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False computes the loss without logits: it needs labels")
         seq = self._sequence_info(input_ids, cu_seqlens, cache)
         seq.collect_metrics = collect_metrics
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
+        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
-            x = layer(x, seq, cache.layers[i] if cache is not None else None)
+            if recompute:
+                x = self._checkpointed(layer, x, seq)
+            else:
+                x = layer(x, seq, cache.layers[i] if cache is not None else None)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        logits = self.lm_head(x)
         if cache is not None:
             cache.seq_len += input_ids.shape[1]
-        loss = self.lm_loss(logits, labels, seq.cu_seqlens) if labels is not None else None
-        aux = torch.stack(seq.aux_losses).sum() if seq.aux_losses else logits.new_zeros((), dtype=torch.float32)
+        logits = loss = None
+        if return_logits:
+            logits = self.lm_head(x)
+            loss = self.lm_loss(logits, labels, seq.cu_seqlens) if labels is not None else None
+        else:
+            targets = next_token_targets(labels, seq.cu_seqlens)  # [B, T], the last position of a row ignored
+            loss = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                        chunk_size=self.loss_chunk_size)
+        aux = torch.stack(seq.aux_losses).sum() if seq.aux_losses else x.new_zeros((), dtype=torch.float32)
         return LMOutput(logits, loss, aux, seq.metrics, tuple(hidden) if hidden is not None else None)
 
     @staticmethod
     def lm_loss(logits, labels, cu_seqlens=None) -> torch.Tensor:
         """Mean next-token cross-entropy; no prediction crosses a document boundary."""
-        targets = labels[:, 1:].clone()  # [B, T-1]: position t predicts token t+1
-        if cu_seqlens is not None and cu_seqlens.numel() > 2:
-            targets[0, cu_seqlens[1:-1].long() - 1] = -100  # the first token of a document has no context
+        targets = next_token_targets(labels, cu_seqlens)[:, :-1]  # [B, T-1]: position t predicts token t+1
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    # ----------------------------------------------------------------------------------------------- memory
+    def set_activation_checkpointing(self, on: bool = True) -> None:
+        """Activation checkpointing: while gradients are enabled and no cache is given, each block keeps only its
+        input and recomputes its activations during the backward (`torch.utils.checkpoint`, non-reentrant). About
+        one more forward of compute for the memory of the blocks' activations; gradients are unchanged."""
+        self.activation_checkpointing = bool(on)
+
+    @staticmethod
+    def _checkpointed(layer: Block, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        """`layer(x, seq)` under checkpointing. The first call is the real forward and reports to `seq` (aux
+        losses, metrics, MoE loads); the backward's recomputation runs the same computation against a throwaway
+        `seq.for_recompute()`, so nothing is reported twice (the aux losses the graph holds are those of the first
+        call; the recomputation only restores their saved tensors)."""
+        calls = 0
+
+        def run(h):
+            nonlocal calls
+            calls += 1
+            return layer(h, seq if calls == 1 else seq.for_recompute())
+
+        return checkpoint(run, x, use_reentrant=False)
 
     # ----------------------------------------------------------------------------------------------- DSA
     def _dsa_layers(self):

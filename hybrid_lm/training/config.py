@@ -67,6 +67,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
     parallel: Literal["ddp", "fsdp"] = "ddp"
     out_dir: str | None = None             # default: runs/<training YAML name>
     max_nonfinite: int = 3                 # stop after this many non-finite losses in a row

@@ -84,6 +84,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(tok_path)[0] if tok_path is not None else None
         model = build_training_model(cfg, self.prepared.vocab_size, resume_from)
         configure_dsa_stage(model, cfg.dsa_stage, cfg.indexer_loss_weight)
+        model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.raw = model.to(self.device)
         self.model = wrap_model(self.raw, self.info, cfg.parallel)
         if cfg.compile:
@@ -227,7 +228,8 @@ class Trainer:
         for i, batch in enumerate(micro):
             with self._grad_sync(i == len(micro) - 1), autocast_context(self.device, cfg.dtype):
                 out = self.model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
-                                 labels=batch["labels"].to(self.device), collect_metrics=collect)
+                                 labels=batch["labels"].to(self.device), collect_metrics=collect,
+                                 return_logits=False)  # the chunked LM loss: no [B, T, V] logits in memory
             lm, aux = out.loss.float() * (preds[i] / totals[0]), out.aux_loss.float() * (toks[i] / totals[1])
             (self._objective(lm, aux) * W).backward()
             sums[:2] += torch.stack([lm.detach(), aux.detach()])
@@ -313,7 +315,7 @@ class Trainer:
                                            max_batches=cfg.eval_batches):
                 with autocast_context(self.device, cfg.dtype):
                     out = model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
-                                labels=batch["labels"].to(self.device))
+                                labels=batch["labels"].to(self.device), return_logits=False)
                 n = num_predictions(batch)
                 loss_sum, count = loss_sum + out.loss.item() * n, count + n
         return loss_sum / max(count, 1)

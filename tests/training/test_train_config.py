@@ -58,6 +58,7 @@ def test_paths_are_relative_to_the_yaml(tmp_path):
     ({"model": "m.yaml", "data": {"sorce": "x"}}, ["t.yaml", "sorce"]),
     ({"model": "m.yaml", "batch_size": "big"}, ["t.yaml", "batch_size", "'big'"]),
     ({"model": "m.yaml", "dsa_stage": "warmup"}, ["t.yaml", "dsa_stage", "dense_warmup"]),
+    ({"model": "m.yaml", "activation_checkpointing": "on"}, ["t.yaml", "activation_checkpointing", "'on'"]),
     ({"model": "m.yaml", "init_from": "run"}, ["exactly one of 'model'", "init_from"]),
     ({"model": "m.yaml", "optim": {"lr": 1e-3, "min_lr": 1e-2}}, ["min_lr"]),
 ])
@@ -71,8 +72,9 @@ def test_bad_yaml_names_file_and_key(tmp_path, data, words):
 def test_set_overrides_are_yaml_parsed_and_strict(tmp_path):
     path = _write(tmp_path, {"model": "m.yaml"})
     cfg = load_train_config(path, ["optim.lr=1e-3", "batch_size=8", "data.tokenizer=null", "compile=true",
+                                   "activation_checkpointing=true",
                                    "optim.betas=[0.8, 0.9]", "model_overrides.mixers={dsa: {index_topk: 4}}"])
-    assert cfg.optim.lr == 1e-3 and cfg.batch_size == 8 and cfg.compile is True
+    assert cfg.optim.lr == 1e-3 and cfg.batch_size == 8 and cfg.compile is True and cfg.activation_checkpointing
     assert cfg.optim.betas == [0.8, 0.9] and cfg.model_overrides == {"mixers": {"dsa": {"index_topk": 4}}}
     for bad, words in [("optim.lrr=1", ["optim.lrr", "valid keys at optim", "lr"]),
                        ("bogus=1", ["bogus", "valid keys at the top level"]),

@@ -51,6 +51,17 @@ def test_gradient_accumulation_matches_a_big_batch(write_config):
         assert small.losses[step] == pytest.approx(big.losses[step], rel=1e-5)
 
 
+def test_activation_checkpointing_trains_the_same_run(write_config):
+    plain = train(load_train_config(write_config("plain", max_steps=3, sample_tokens=0)))
+    trainer = Trainer(load_train_config(write_config("ckpt", max_steps=3, sample_tokens=0,
+                                                     activation_checkpointing=True)))
+    assert trainer.raw.activation_checkpointing
+    ckpt = trainer.fit()
+    for step in (1, 2, 3):
+        assert ckpt.losses[step] == pytest.approx(plain.losses[step], rel=1e-6)
+    assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-6)
+
+
 class _NaNOnCalls(nn.Module):
     """Wraps the model; the forward calls numbered in `bad` return a NaN loss."""
 
