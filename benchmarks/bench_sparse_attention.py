@@ -5,8 +5,6 @@ causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, top
 (BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
 `--index-order`: the same index sets in position order and shuffled (top-k returns them by score).
 `--mla`: MLA's absorbed latent shapes, split head dims + values gathered from the keys' rows against the padded kernel.
-`--atomics`: the backward's dk / dv scatter as 8-byte vector reductions (sa.VECTOR_ATOMICS, the default) against
-tl.atomic_add, over the backward configs, 1 and 4 KV heads and MLA's 576 / 512 latent.
 Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forward).
 
     python benchmarks/bench_sparse_attention.py [--T 16384 65536]
@@ -129,34 +127,6 @@ def mla(T, rows):
         torch.cuda.empty_cache()
 
 
-def atomics(T, rows):
-    """The backward with each scatter mode and config, same inputs, same run (forward untouched by the switch)."""
-    shapes = [(HQ, 1, D, D, False), (HQ, 4, D, D, False), (16, 1, 576, 512, True)]
-    default = sa.VECTOR_ATOMICS
-    for hq, hkv, d, dv, shared in shapes:
-        g = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(1, T, hq, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        k = torch.randn(1, T, hkv, d, device="cuda", generator=g, dtype=torch.bfloat16)
-        v = k[..., :dv] if shared else torch.randn(1, T, hkv, dv, device="cuda", generator=g, dtype=torch.bfloat16)
-        idx = random_causal_indices(T, TOPK).int().contiguous()
-        scale = d ** -0.5
-        o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
-        do = torch.randn_like(o)
-        flops = 2.5 * 2.0 * T * TOPK * hq * (d + dv)
-        for cfg in BWD_CONFIGS if not shared else [None]:
-            for vector in (True, False):
-                sa.VECTOR_ATOMICS = vector
-                try:
-                    ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale,
-                                                                  config=cfg))
-                finally:
-                    sa.VECTOR_ATOMICS = default
-                rows.append(row("sparse_attention_bwd_atomics", ("red.v2" if vector else "atomic_add") +
-                                f"{cfg or sa.BWD_CONFIG}", T, bwd_ms=ms, tflops=flops / ms / 1e9, hkv=hkv, d_qk=d))
-                print(rows[-1], flush=True)
-        torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
@@ -164,16 +134,8 @@ def main():
                     help="only compare position-ordered with shuffled index rows (and the cost of sorting them)")
     ap.add_argument("--mla", action="store_true", help="only MLA's latent shapes: split head dims + shared values "
                                                         "against padded + separate (forward TFLOPS: 2 T topk H (D + DV))")
-    ap.add_argument("--atomics", action="store_true",
-                    help="only the backward's scatter: vector reductions against tl.atomic_add, per config")
     args = ap.parse_args()
     rows = []
-    if args.atomics:
-        for T in args.T:
-            guarded(rows, "sparse_attention_bwd_atomics", lambda: atomics(T, rows))
-        save(rows, "sparse_attention_atomics")
-        print_table(rows, cols=("op", "impl", "T", "hkv", "d_qk", "bwd_ms", "tflops"))
-        return
     if args.mla:
         for T in args.T:
             guarded(rows, "sparse_attention_mla", lambda: mla(T, rows))

@@ -61,12 +61,8 @@ SPARSE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("vector_atomics", [True, False], ids=["red.v2", "atomic_add"])
 @pytest.mark.parametrize("B, Tq, Tk, HQ, HKV, D, DV, K, cu", SPARSE_CASES)
-def test_sparse_attention_matches_reference(B, Tq, Tk, HQ, HKV, D, DV, K, cu, vector_atomics, monkeypatch):
-    from hybrid_lm.ops.triton import sparse_attention as sa
-
-    monkeypatch.setattr(sa, "VECTOR_ATOMICS", vector_atomics)  # the backward's two dk / dv scatters
+def test_sparse_attention_matches_reference(B, Tq, Tk, HQ, HKV, D, DV, K, cu):
     gen = torch.Generator(device="cuda").manual_seed(Tq * 7 + K)
     q = torch.randn(B, Tq, HQ, D, device="cuda", generator=gen).to(BF16)
     k = torch.randn(B, Tk, HKV, D, device="cuda", generator=gen).to(BF16)
@@ -109,15 +105,13 @@ def test_sparse_attention_without_lse_grad_and_auto_picks_triton():
     assert rel_err(q.grad, qr.grad) < 2e-2 and rel_err(kv.grad, kvr.grad) < 2e-2
 
 
-@pytest.mark.parametrize("vector_atomics", [True, False], ids=["red.v2", "atomic_add"])
 @pytest.mark.parametrize("HQ, D, DV", [(12, 288, 256), (16, 576, 512), (6, 96, 64)])
-def test_sparse_attention_mla_latent_values_and_split_head_dims(HQ, D, DV, vector_atomics, monkeypatch):
+def test_sparse_attention_mla_latent_values_and_split_head_dims(HQ, D, DV, monkeypatch):
     """MLA's absorbed form (values = a view of the keys' first DV dims, gathered once, one gradient scatter) and
     head dims split into a power-of-2 block plus a tail (288 = 256 + 32, 576 = 512 + 64), against the reference."""
     from hybrid_lm.ops.triton import sparse_attention as sa
 
     monkeypatch.setattr(sa, "SPLIT_HEAD_DIM", True)  # the default; benchmarks may switch it off
-    monkeypatch.setattr(sa, "VECTOR_ATOMICS", vector_atomics)
     gen = torch.Generator(device="cuda").manual_seed(D)
     T, K = 256, 64
     q = torch.randn(1, T, HQ, D, device="cuda", generator=gen).to(BF16).requires_grad_()
@@ -206,14 +200,14 @@ INDEX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("select", ["auto", "threshold", "threshold-keep-ties"])
+@pytest.mark.parametrize("select", ["auto", "threshold", "threshold-keep-ties", "threshold-rank-ties"])
 @pytest.mark.parametrize("B, Tq, Tk, HI, DI, topk, dtype, cu", INDEX_CASES)
 def test_indexer_topk_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, select, monkeypatch):
     from hybrid_lm.ops.triton import indexer_topk as it
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
-    if select == "threshold-keep-ties":  # the candidate pass keeps every tie with the threshold (one prefix product)
-        monkeypatch.setattr(it, "RANK_TIES", False)
+    if select.startswith("threshold-"):  # the candidate pass keeps every tie with the threshold or ranks them all
+        monkeypatch.setattr(it, "RANK_TIES", select == "threshold-rank-ties")
         select = "threshold"
 
     gen = torch.Generator(device="cuda").manual_seed(Tq + topk)
@@ -241,13 +235,13 @@ def test_radix_select_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, se
     check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
 
 
-@pytest.mark.parametrize("select", ["torch", "radix", "threshold", "threshold-keep-ties"])
+@pytest.mark.parametrize("select", ["torch", "radix", "threshold", "threshold-keep-ties", "threshold-rank-ties"])
 def test_indexer_topk_chunked_rows_and_ties(select, monkeypatch):
     from hybrid_lm.ops.triton import indexer_topk as it
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
-    if select == "threshold-keep-ties":
-        monkeypatch.setattr(it, "RANK_TIES", False)
+    if select.startswith("threshold-"):
+        monkeypatch.setattr(it, "RANK_TIES", select == "threshold-rank-ties")
         select = "threshold"
 
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -289,7 +283,8 @@ def test_threshold_selection_equals_reference_on_exact_ties():
 def test_threshold_selection_keeps_large_ties_on_the_fast_path():
     """Rows whose weights are all negative score <= 0, with thousands of keys tied at exactly 0 (more than CAP):
     only the first topk tied keys become candidates, so those rows need no exact fallback and the earliest ties
-    are kept, as the reference keeps them."""
+    are kept, as the reference keeps them (RANK_TIES "auto", the default: their thresholds are 0, so their row
+    blocks rank ties)."""
     from hybrid_lm.ops.triton import indexer_topk as it
 
     gen = torch.Generator(device="cuda").manual_seed(13)

@@ -69,17 +69,21 @@ def case_topk():
     n = check_topk("no threshold -> overflow -> exact rows", q, k, w, 64, plan=(2, 10**6, 128), select="threshold")
     assert n > 100, "the forced fallback did not happen"
     # every other key scores exactly 0 and half the rows only score <= 0: their top-k lies in a tie larger than
-    # the candidate buffer, which only the tie cap keeps off the exact path
-    n = check_topk("large ties", *index_inputs(400, negative_rows=200, zero_keys=2), 40, select="threshold")
-    assert n <= 4, f"{n} rows fell back: the tie cap is not working"
-    it.RANK_TIES = False  # every tie kept: the rows whose ties overflow the buffer are redone exactly, still equal
+    # the candidate buffer, which only the tie cap keeps off the exact path ("auto": the blocks of rows whose
+    # threshold is 0 rank ties, the others keep every tie; True: every block ranks them)
+    ties = index_inputs(400, negative_rows=200, zero_keys=2)
+    default = it.RANK_TIES
     try:
+        for mode in ("auto", True):
+            it.RANK_TIES = mode
+            n = check_topk(f"large ties, rank ties {mode}", *ties, 40, select="threshold")
+            assert n <= 4, f"{n} rows fell back: the tie cap is not working"
+        it.RANK_TIES = False  # every tie kept: the rows whose ties overflow the buffer are redone exactly, still equal
         check_topk("threshold, ties kept", q, k, w, 64, select="threshold")
-        n = check_topk("large ties kept -> exact rows", *index_inputs(400, negative_rows=200, zero_keys=2), 40,
-                       select="threshold")
+        n = check_topk("large ties kept -> exact rows", *ties, 40, select="threshold")
         assert n > 100, "without the tie cap the tied rows must overflow into the exact path"
     finally:
-        it.RANK_TIES = True
+        it.RANK_TIES = default
     check_kth_search()
 
 

@@ -118,20 +118,24 @@ def _index_scores_kernel(
 
 @triton.jit
 def _candidates_kernel(
-    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, TOT, t0, t1, Tk,
-    sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b,
+    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, TOT, TIED, t0, t1, Tk,
+    sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b, st_b,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
-    RANK_TIES: tl.constexpr = True,
+    RANK_TIES: tl.constexpr = True, BY_BLOCK: tl.constexpr = False,
 ):
     """Stream over a row block's visible keys and keep, in position order, every key scoring above the row's
     threshold and (RANK_TIES) only the first TOPK keys scoring exactly the threshold (no later tie can be selected:
     the reference keeps the earliest), or (not RANK_TIES) every tie too, one prefix product a tile instead of two
     (a row whose ties overflow CAP is then redone exactly): values and offsets (key - first visible key) into
     CV / CI [B, rows, CAP]. CNT counts the kept keys, also those that did not fit (CNT > CAP: overflow); TOT counts
-    every key at or above the threshold (TOT < min(topk, visible keys): the threshold was too high)."""
+    every key at or above the threshold (TOT < min(topk, visible keys): the threshold was too high). BY_BLOCK: this
+    launch only does the row blocks whose TIED flag [B, blocks] equals RANK_TIES (two launches split the blocks)."""
     pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row0 = t0 + pid_m * BLOCK_M
+    if BY_BLOCK:
+        if (tl.load(TIED + b * st_b + pid_m) != 0) != RANK_TIES:
+            t1 = row0  # no valid row: the other launch does this block
     q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
     rows = row0 + tl.arange(0, BLOCK_M)
     valid_row, row_lo, row_hi, lo, hi = _row_ranges(LO, HI_, rows, t1)
@@ -388,28 +392,42 @@ def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
     return torch.topk(samples, rank, dim=-1, sorted=True).values[..., -1].contiguous()
 
 
-# the candidate pass: (BLOCK_M query rows, BLOCK_N keys a tile, num_warps) and whether exact ties with a row's
-# threshold are ranked in the kernel (see _candidates_kernel; `bench_topk.py --candidates` times the choices)
-CANDIDATE_CONFIG = (32, 64, 8)
-RANK_TIES = True
+# The candidate pass: (BLOCK_M query rows, BLOCK_N keys a tile, num_warps), and where exact ties with a row's
+# threshold are ranked in the kernel: True (every row block), False (none: a row whose ties overflow the buffer is
+# redone exactly) or "auto" (only row blocks with a row whose threshold is exactly 0, where ReLU's zeros make
+# large ties: e.g. a token whose index-head weights are all negative scores every key <= 0; the other blocks keep
+# every tie). On an H100 (run 12, 2026-12-06, the last 32,768 rows at T = 65,536) the pass took 20.1 ms ranking
+# ties and 12.3 ms keeping them with (32, 64, 8), 17.5 and 11.4 ms with (16, 64, 4); a count-only floor (same scores,
+# no compaction) 4.3-4.8 ms. `bench_topk.py --candidates` times the choices.
+CANDIDATE_CONFIG = (16, 64, 4)
+RANK_TIES = "auto"
 
 
 def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, config=None, rank_ties=None):
     """Candidate values, offsets [B, rows, CAP] and the counts `count` (kept) and `total` (at or above tau).
     `config` (BLOCK_M, BLOCK_N, num_warps) and `rank_ties` default to CANDIDATE_CONFIG and RANK_TIES."""
     block_m, block_n, num_warps = config or CANDIDATE_CONFIG
+    mode = RANK_TIES if rank_ties is None else rank_ties
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"keep_candidates: rank_ties must be True, False or 'auto', got {mode!r}")
     B, c, cap = q.shape[0], t1 - t0, threshold_plan(topk)[2]
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
     count = bufs["count"][: B * c].view(B, c)
     total = bufs["total"][: B * c].view(B, c)
     args = _tile_args(q, block_m)
-    _candidates_kernel[(triton.cdiv(c, args["BLOCK_M"]), B)](
-        q, k, w, tau, lo, hi, cand_v, cand_i, count, total, t0, t1, k.shape[1],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
-        cand_v.stride(1), count.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk,
-        RANK_TIES=RANK_TIES if rank_ties is None else rank_ties, num_warps=num_warps,
-    )
+    n_blocks = triton.cdiv(c, args["BLOCK_M"])
+    tied = tau  # read only when the blocks are split
+    if mode == "auto":  # [B, blocks]: 1 where a row's threshold is exactly 0
+        tied = torch.nn.functional.pad(tau == 0, (0, n_blocks * args["BLOCK_M"] - c))
+        tied = tied.view(B, n_blocks, args["BLOCK_M"]).any(-1).to(torch.int8)
+    for rank in (False, True) if mode == "auto" else (mode,):
+        _candidates_kernel[(n_blocks, B)](
+            q, k, w, tau, lo, hi, cand_v, cand_i, count, total, tied, t0, t1, k.shape[1],
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
+            cand_v.stride(1), count.stride(0), tied.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk,
+            RANK_TIES=rank, BY_BLOCK=mode == "auto", num_warps=num_warps,
+        )
     return cand_v, cand_i, count, total
 
 

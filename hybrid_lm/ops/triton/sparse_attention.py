@@ -33,35 +33,6 @@ def _gather_rows(idx_ptr, k0, K, doc_start, Tk, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _scatter_add(base, offs, vals, mask, VECTOR: tl.constexpr):
-    """base[offs] += vals (fp32) where mask. VECTOR: through inline PTX that adds each pair of a thread's
-    consecutive elements with one 8-byte `red.global.add.v2.f32` (sm_90+) when their addresses are adjacent and
-    aligned (the tensor-core output layout holds column pairs), else with two scalar `red`s; masked elements add 0
-    to `base` itself. Otherwise tl.atomic_add (one scalar `atom` per element)."""
-    if VECTOR:
-        # every operand as bits (the asm helper wants one scalar kind): addresses as i64, fp32 values as b32
-        addr = (base + tl.where(mask, offs, 0)).to(tl.int64, bitcast=True)
-        bits = tl.where(mask, vals, 0.0).to(tl.int32, bitcast=True)
-        tl.inline_asm_elementwise(
-            asm="""{
-            .reg .pred adj;
-            .reg .b64 gap, low;
-            sub.s64 gap, $3, $2;
-            and.b64 low, $2, 7;
-            setp.eq.s64 adj, gap, 4;
-            setp.eq.and.s64 adj, low, 0, adj;
-            @adj red.global.add.v2.f32 [$2], {$4, $5};
-            @!adj red.global.add.f32 [$2], $4;
-            @!adj red.global.add.f32 [$3], $5;
-            mov.b32 $0, 0;
-            mov.b32 $1, 0;
-            }""",
-            constraints="=r,=r,l,l,r,r", args=[addr, bits], dtype=tl.int32, is_pure=False, pack=2)
-    else:
-        tl.atomic_add(base + offs, vals, mask=mask, sem="relaxed")
-
-
-@triton.jit
 def _sparse_fwd_kernel(
     Q, K_, V, IDX, DOC, O, LSE,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, so_b, so_t, so_h, sl_b, sl_t,
@@ -129,7 +100,7 @@ def _sparse_bwd_kernel(
     HKV, Tk, NK, scale,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DT: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_DOC: tl.constexpr, V_IN_K: tl.constexpr, HAS_TAIL: tl.constexpr, VECTOR_ATOMICS: tl.constexpr,
+    HAS_DOC: tl.constexpr, V_IN_K: tl.constexpr, HAS_TAIL: tl.constexpr,
 ):
     """V_IN_K: v is a view of k's first DV dims; dv is then added into DK with dk (DV_ is not written)."""
     t = tl.program_id(0).to(tl.int64)
@@ -183,15 +154,15 @@ def _sparse_bwd_kernel(
         dv_blk = tl.dot(tl.trans(p.to(do.dtype)), do)  # [BLOCK_K, BLOCK_DV]
         dk_blk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale  # [BLOCK_K, BLOCK_D]
         if V_IN_K:  # one scatter for the shared rows
-            _scatter_add(dk_base, rows * sdk_t + dq_r[None, :], dk_blk + dv_blk, kmask, VECTOR_ATOMICS)
+            tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk + dv_blk, mask=kmask, sem="relaxed")
         else:
-            _scatter_add(dv_base, rows * sdv_t + dv_r[None, :], dv_blk, vmask, VECTOR_ATOMICS)
-            _scatter_add(dk_base, rows * sdk_t + dq_r[None, :], dk_blk, kmask, VECTOR_ATOMICS)
+            tl.atomic_add(dv_base + rows * sdv_t + dv_r[None, :], dv_blk, mask=vmask, sem="relaxed")
+            tl.atomic_add(dk_base + rows * sdk_t + dq_r[None, :], dk_blk, mask=kmask, sem="relaxed")
         if HAS_TAIL:
             dq_tail += tl.dot(ds.to(kt.dtype), kt_tail)
             dk_tail = tl.dot(tl.trans(ds.to(q.dtype)), q_tail) * scale  # [BLOCK_K, BLOCK_DT]
-            _scatter_add(dk_base, rows * sdk_t + dt_r[None, :], dk_tail, valid[:, None] & (dt_r[None, :] < D),
-                         VECTOR_ATOMICS)
+            tl.atomic_add(dk_base + rows * sdk_t + dt_r[None, :], dk_tail,
+                          mask=valid[:, None] & (dt_r[None, :] < D), sem="relaxed")
     dq_row = DQ + b * sq_b + t * sq_t + heads[:, None] * sq_h
     tl.store(dq_row + dq_r[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
     if HAS_TAIL:
@@ -243,20 +214,15 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
             and DV < k.shape[-1])
 
 
-# (BLOCK_K, num_warps, num_stages) at 16 heads x 128: the largest blocks ptxas fits with no spills on sm_90. Sweeps
-# on an H100 (BENCHMARKS.md): the forward's configs are within 5% of each other; the backward's (16, 4, 1) was
-# 10-15% faster than (32, 8, 1) at T = 65,536 with 1 and 4 KV heads (2026-12-06). Splitting the backward into two
-# sweeps (dv, then dq + dk) so each fp32 atomic target fits in L2 gained nothing measurable, so there is one.
+# (BLOCK_K, num_warps, num_stages) at 16 heads x 128. Sweeps on an H100 (BENCHMARKS.md): the forward's configs are
+# within 5% of each other; the backward's (32, 4, 1) (ptxas: 255 registers, 24 bytes of spill stores) took
+# 58.7 ms at T = 65,536 with one KV head against 64.5 ms for (16, 4, 1) and 68.2 for (32, 8, 2), and 228 against
+# 255 and 237 ms with 4 KV heads (run 12, 2026-12-06). Splitting the backward into two sweeps (dv, then dq + dk) so
+# each fp32 atomic target fits in L2 gained nothing measurable, and scattering dk / dv as 8-byte vector reductions
+# (`red.global.add.v2.f32` through inline PTX; triton 3.6 emits one scalar `atom` per element) was 9x slower
+# (run 12), so the backward scatters with tl.atomic_add.
 FWD_CONFIG = (64, 8, 2)
-BWD_CONFIG = (16, 4, 1)
-# the backward's dk / dv scatter: 8-byte vector reductions (`red.global.add.v2.f32`, inline PTX for sm_90+; triton
-# 3.6 emits one scalar `atom` per element) or tl.atomic_add. The interpreter cannot run inline PTX: it always
-# takes tl.atomic_add.
-VECTOR_ATOMICS = True
-
-
-def _vector_atomics(device: torch.device) -> bool:
-    return (VECTOR_ATOMICS and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9)
+BWD_CONFIG = (32, 4, 1)
 
 
 def _doc_starts(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
@@ -318,8 +284,7 @@ def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=
             q, k, v, indices, doc if doc is not None else indices, do, lse, delta, dq, dk, dv,
             *_strides3(q), *_strides3(k), *_strides3(v), indices.stride(0), indices.stride(1), *_strides3(do),
             lse.stride(0), lse.stride(1), *_strides3(dk), *_strides3(dv),
-            HKV, Tk, NK, scale, HAS_DOC=doc is not None, VECTOR_ATOMICS=_vector_atomics(q.device),
-            num_warps=num_warps, num_stages=num_stages, **cfg,
+            HKV, Tk, NK, scale, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages, **cfg,
         )
     if v_in_k:  # dk holds both gradients of the shared storage; v's is already in it
         return dq, dk.to(k.dtype), None
