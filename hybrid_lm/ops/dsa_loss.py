@@ -40,6 +40,12 @@ def _compute_dtype(*tensors):
     return dtype
 
 
+def _explicit_dtypes(x: torch.Tensor):
+    """These references cast to their compute dtype themselves: autocast (a bf16 training step on the CPU, where the
+    backward runs in the forward's thread) must not recast their products to bf16 under them."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _check_attention(q, k, cu_seqlens, block):
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q and k must be [B, T, H, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
@@ -186,8 +192,9 @@ class _IndexerKL(torch.autograd.Function):
         ctx.save_for_backward(q, k, q_idx, k_idx, weights, indices, attn_lse)
         ctx.args = (scale, cu, block)
         total = torch.zeros((), dtype=_compute_dtype(q_idx, k_idx, weights), device=q.device)
-        for _, kl in _IndexerKL._sweep(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, need_grad=False):
-            total = total + kl
+        with _explicit_dtypes(q):
+            for _, kl in _IndexerKL._sweep(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, need_grad=False):
+                total = total + kl
         return total / (q.shape[0] * q.shape[1])
 
     @staticmethod
@@ -222,7 +229,7 @@ class _IndexerKL(torch.autograd.Function):
         dk_idx = torch.zeros(k_idx.shape, dtype=dtype, device=q.device)
         dw = torch.zeros(weights.shape, dtype=dtype, device=q.device)
         g = grad.to(dtype) / (B * T)
-        with torch.no_grad():
+        with torch.no_grad(), _explicit_dtypes(q):
             for state, _ in _IndexerKL._sweep(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, True):
                 t0, t1, keys, qi, ki, w, dot, dI = state
                 dqi, dki, dwi = _index_logits_backward(dI * g, qi, ki, w, dot)
@@ -303,13 +310,14 @@ def attention_recall(q, k, indices, *, scale=None, cu_seqlens=None, block=256):
     dtype = _compute_dtype(q)
     doc, doc_start = _doc_info(cu, T, q.device)
     total = torch.zeros((), dtype=dtype, device=q.device)
-    for t0, t1, k0 in _blocks(T, block, cu):
-        visible = _dense_visible(t0, t1, k0, doc)
-        p = _dense_target(q, k, t0, t1, k0, visible[None, None], scale, dtype)  # [B, Bq, Tk]
-        pos, valid = _sparse_keys(indices, t0, t1, doc_start)
-        # valid positions lie in k0:t1; a scatter-add mask makes duplicate indices count once
-        hit = torch.zeros_like(p).scatter_add_(-1, (pos - k0).clamp_min(0), valid.to(dtype)) > 0
-        total = total + (p * hit).sum()
+    with _explicit_dtypes(q):
+        for t0, t1, k0 in _blocks(T, block, cu):
+            visible = _dense_visible(t0, t1, k0, doc)
+            p = _dense_target(q, k, t0, t1, k0, visible[None, None], scale, dtype)  # [B, Bq, Tk]
+            pos, valid = _sparse_keys(indices, t0, t1, doc_start)
+            # valid positions lie in k0:t1; a scatter-add mask makes duplicate indices count once
+            hit = torch.zeros_like(p).scatter_add_(-1, (pos - k0).clamp_min(0), valid.to(dtype)) > 0
+            total = total + (p * hit).sum()
     return total / (B * T)
 
 

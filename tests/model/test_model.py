@@ -188,3 +188,19 @@ def test_output_hidden_states():
     model = tiny_model(["attention", "gated_deltanet"])
     out = model(torch.randint(0, 97, (1, 6)), output_hidden_states=True)
     assert len(out.hidden_states) == 3 and out.hidden_states[0].shape == (1, 6, 32)
+
+
+@pytest.mark.parametrize("stage", ["sparse", "dense_warmup"])
+def test_dsa_trains_under_cpu_bf16_autocast(stage):
+    """A bf16 training step on the CPU (autocast, as the trainer runs `dtype: bfloat16`): the indexer KL's and the
+    recall metric's references keep their own fp32 products, forward and backward."""
+    torch.manual_seed(0)
+    model = tiny_model(["dsa", "attention"])
+    model.set_dsa_stage(stage)
+    ids = torch.randint(0, model.config.vocab_size, (1, 48))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, labels=ids, collect_metrics=True)
+    (out.loss + out.aux_loss).backward()
+    assert 0.0 <= float(out.metrics["dsa/layer0/recall"]) <= 1.0 + 1e-6
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".indexer." in n)
