@@ -26,14 +26,20 @@ if want pending; then
     -rfE -k "indexer or threshold or dsa_with or sparse_attention or kth or rotary" > "$OUT/tests-pending.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-pending.log" | cut -c1-200 | head -14
 fi
-if want final; then  # run 13: the new defaults' tests, then the 350M pair at 32k and the layer rows (~8.5 minutes)
+if want final; then  # run 13: the new defaults' tests, the 350M pair at 32k, dense-350m with the rotary reference, the
+  # threshold stages and the layer rows (about 8 minutes)
   timeout 130 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE \
     -k "indexer_topk or chunked or threshold or sparse_attention_matches" > "$OUT/tests-final.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-final.log" | cut -c1-200 | head -14
   (cd benchmarks && timeout 190 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 --warmup 1 \
     --steps 3 --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1)
   grep -v "^{" "$OUT/model-32k.log" | grep -v "^\s*File\|^\s*\^" | tail -8 | cut -c1-200
-  (cd benchmarks && timeout 200 python3 bench_layer.py --T 65536 131072 --hkv 1 4 --skip gdn --name layer \
+  (cd benchmarks && timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 \
+    --rotary-reference --out "$OUT/model-32k-rotary-reference.json" > "$OUT/model-32k-rotary-reference.log" 2>&1)
+  grep -v "^{" "$OUT/model-32k-rotary-reference.log" | tail -3 | cut -c1-200
+  (cd benchmarks && timeout 40 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
+  grep -v "^{" "$OUT/topk-stages.log" | tail -6 | cut -c1-150
+  (cd benchmarks && timeout 180 python3 bench_layer.py --T 65536 131072 --hkv 1 4 --skip gdn --name layer \
     > "$OUT/layer.log" 2>&1)
   grep -v "^{" "$OUT/layer.log" | tail -34 | cut -c1-150
 fi
