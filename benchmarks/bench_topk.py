@@ -95,7 +95,9 @@ def stages(T, R, rows):
     steps = {
         "thresholds (sampled scores + torch.topk)": lambda: it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK,
                                                                              bufs["samples"]),
-        "candidate pass": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
+        f"candidate pass (ties: {it.RANK_TIES})": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
+        "candidate pass (ties: grouped)": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs,
+                                                                    rank_ties="grouped"),
         "k-th candidate (torch.topk) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK, kth="torch"),
         "whole chunk": lambda: it.threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, TOPK, bufs),
         "k-th candidate (in-kernel search) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK,
@@ -141,7 +143,7 @@ def candidates(T, R, rows):
     ref = None
     slots = torch.arange(bufs["offsets"].numel() // R, device="cuda")
     runs = [(cfg, mode) for cfg in CANDIDATE_CONFIGS for mode in (True, False)]
-    runs += [(it.CANDIDATE_CONFIG, "auto")]
+    runs += [(it.CANDIDATE_CONFIG, "auto"), (it.CANDIDATE_CONFIG, "grouped")]
     for cfg, mode in runs:
         fn = lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs, config=cfg, rank_ties=mode)
         _, cand_i, count, total = fn()
@@ -150,7 +152,7 @@ def candidates(T, R, rows):
         ref = ref or got
         same = all(torch.equal(a, b) for a, b in zip(got, ref))
         ms = bench_ms(fn)
-        name = {True: "rank-ties", False: "keep-ties", "auto": "auto"}[mode]
+        name = {True: "rank-ties", False: "keep-ties"}.get(mode, mode)
         rows.append(row("candidate_pass", f"{cfg}-{name}", T, fwd_ms=ms, tflops=flops / ms / 1e9, rows=R,
                         same_as_first=same))
         print(rows[-1], flush=True)

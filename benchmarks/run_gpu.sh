@@ -26,6 +26,15 @@ if want pending; then
     -rfE -k "indexer or threshold or dsa_with or sparse_attention or kth or rotary" > "$OUT/tests-pending.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-pending.log" | cut -c1-200 | head -14
 fi
+if want next; then  # what run 13 left: the tie tests it cut, the "grouped" candidate pass (opt-in), the layer
+  timeout 150 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE -k "ties or grouped" \
+    > "$OUT/tests-next.log" 2>&1
+  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-next.log" | cut -c1-200 | head -14
+  (cd benchmarks && timeout 60 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
+  grep -v "^{" "$OUT/topk-stages.log" | tail -7 | cut -c1-150
+  (cd benchmarks && timeout 150 python3 bench_layer.py --T 65536 --hkv 1 --skip gdn --name layer > "$OUT/layer.log" 2>&1)
+  grep -v "^{" "$OUT/layer.log" | tail -12 | cut -c1-150
+fi
 if want final; then  # run 13: the new defaults' tests, the 350M pair at 32k, dense-350m with the rotary reference, the
   # threshold stages and the layer rows (about 8 minutes)
   timeout 130 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE \

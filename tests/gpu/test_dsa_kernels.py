@@ -184,6 +184,9 @@ def check_topk(idx, scores, topk, starts):
     assert ((vals - best).abs() <= tol)[valid].all(), "a better key was left out"
 
 
+# threshold selection with the candidate pass's non-default tie modes (indexer_topk.RANK_TIES)
+TIE_MODES = {"threshold-keep-ties": False, "threshold-rank-ties": True, "threshold-grouped": "grouped"}
+
 INDEX_CASES = [
     # B, Tq, Tk, HI, DI, topk, dtype, cu_seqlens
     (2, 300, 300, 4, 64, 64, BF16, None),
@@ -200,14 +203,14 @@ INDEX_CASES = [
 ]
 
 
-@pytest.mark.parametrize("select", ["auto", "threshold", "threshold-keep-ties", "threshold-rank-ties"])
+@pytest.mark.parametrize("select", ["auto", "threshold", *TIE_MODES])
 @pytest.mark.parametrize("B, Tq, Tk, HI, DI, topk, dtype, cu", INDEX_CASES)
 def test_indexer_topk_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, select, monkeypatch):
     from hybrid_lm.ops.triton import indexer_topk as it
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
-    if select.startswith("threshold-"):  # the candidate pass keeps every tie with the threshold or ranks them all
-        monkeypatch.setattr(it, "RANK_TIES", select == "threshold-rank-ties")
+    if select in TIE_MODES:  # the candidate pass's other ways with ties (the default is "auto")
+        monkeypatch.setattr(it, "RANK_TIES", TIE_MODES[select])
         select = "threshold"
 
     gen = torch.Generator(device="cuda").manual_seed(Tq + topk)
@@ -235,13 +238,13 @@ def test_radix_select_matches_brute_force(B, Tq, Tk, HI, DI, topk, dtype, cu, se
     check_topk(idx, scores, topk, doc_starts(Tq, cu_t))
 
 
-@pytest.mark.parametrize("select", ["torch", "radix", "threshold", "threshold-keep-ties", "threshold-rank-ties"])
+@pytest.mark.parametrize("select", ["torch", "radix", "threshold", *TIE_MODES])
 def test_indexer_topk_chunked_rows_and_ties(select, monkeypatch):
     from hybrid_lm.ops.triton import indexer_topk as it
     from hybrid_lm.ops.triton.indexer_topk import indexer_topk_triton
 
-    if select.startswith("threshold-"):
-        monkeypatch.setattr(it, "RANK_TIES", select == "threshold-rank-ties")
+    if select in TIE_MODES:  # the candidate pass's other ways with ties (the default is "auto")
+        monkeypatch.setattr(it, "RANK_TIES", TIE_MODES[select])
         select = "threshold"
 
     gen = torch.Generator(device="cuda").manual_seed(5)
@@ -280,17 +283,20 @@ def test_threshold_selection_equals_reference_on_exact_ties():
     assert (got == want).all(-1).float().mean() > 0.99
 
 
-def test_threshold_selection_keeps_large_ties_on_the_fast_path():
-    """Rows whose weights are all negative score <= 0, with thousands of keys tied at exactly 0 (more than CAP):
-    only the first topk tied keys become candidates, so those rows need no exact fallback and the earliest ties
-    are kept, as the reference keeps them (RANK_TIES "auto", the default: their thresholds are 0, so their row
-    blocks rank ties)."""
+@pytest.mark.parametrize("mode", ["auto", "grouped"])
+def test_threshold_selection_keeps_large_ties_on_the_fast_path(mode, monkeypatch):
+    """Rows whose weights are all negative (here a random 30%, among ordinary rows) score <= 0, with thousands of
+    keys tied at exactly 0 (more than CAP): only the first topk tied keys become candidates, so those rows need no
+    exact fallback and the earliest ties are kept, as the reference keeps them. Their thresholds are 0, so "auto"
+    (the default) ranks ties in their row blocks and "grouped" gathers them into blocks of their own."""
     from hybrid_lm.ops.triton import indexer_topk as it
 
+    monkeypatch.setattr(it, "RANK_TIES", mode)
     gen = torch.Generator(device="cuda").manual_seed(13)
     T, topk = 4096, 256
     q, k, w = make_index_inputs(1, T, T, 4, 64, BF16, gen)
-    w = -w.abs()
+    negative = torch.rand(T, device="cuda", generator=gen) < 0.3
+    w = torch.where(negative[None, :, None], -w.abs(), w)
     k[:, ::4] = 0
     it.STATS["exact_rows"] = 0
     got = it.indexer_topk_triton(q, k, w, topk, select="threshold")
