@@ -147,12 +147,14 @@ def _candidates_kernel(
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rows = t0 + tl.load(TIED + b * st_b + slots, mask=slots < n_rows, other=0)
         tau = tl.load(TAU + b * sn_b + (rows - t0), mask=slots < n_rows, other=float("inf"))
-        mine = (tl.max(((slots < n_rows) & (tau == 0)).to(tl.int32), 0) > 0) == RANK_TIES
-        rows = tl.where((slots < n_rows) & mine, rows, t1)  # t1: no row (the other launch does this block)
+        zero_tau = tl.max(((slots < n_rows) & (tau == 0)).to(tl.int32), 0)
+        # this launch's rows of the block: all or none (a scalar count, not a scalar bool: and-ing a 0-d bool into
+        # a mask fails in triton 3.9's interpreter)
+        n_mine = tl.where((zero_tau > 0) == RANK_TIES, n_rows, 0)
+        rows = tl.where(slots < n_mine, rows, t1)  # t1: no row (the other launch does this block)
         pslots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M * HI_P2) // HI_P2
         tok = t0 + tl.load(TIED + b * st_b + pslots, mask=pslots < n_rows, other=0)
-        q, w = _query_rows(Q, W, b, tok, (pslots < n_rows) & mine, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI,
-                           BLOCK_M)
+        q, w = _query_rows(Q, W, b, tok, pslots < n_mine, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
     else:
         if BY_BLOCK:
             if (tl.load(TIED + b * st_b + pid_m) != 0) != RANK_TIES:
