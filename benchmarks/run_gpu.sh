@@ -13,7 +13,8 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=pending: what the 2026-12-06 sessions left unmeasured, in one call of about 9 minutes (BENCHMARKS.md)
+# ONLY=next: what run 13 left (BENCHMARKS.md). The one-off parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are
+# in git history (commit 2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want tests; then
@@ -21,52 +22,17 @@ if want tests; then
     -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
-if want pending; then
-  timeout 120 python3 -m pytest tests/gpu/test_dsa_kernels.py tests/gpu/test_rotary_kernel.py -q -p no:cacheprovider \
-    -rfE -k "indexer or threshold or dsa_with or sparse_attention or kth or rotary" > "$OUT/tests-pending.log" 2>&1
-  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-pending.log" | cut -c1-200 | head -14
-fi
 if want next; then  # what run 13 left: the tie tests it cut, the "grouped" candidate pass (opt-in), the layer
   timeout 150 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE -k "ties or grouped" \
     > "$OUT/tests-next.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-next.log" | cut -c1-200 | head -14
   (cd benchmarks && timeout 60 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
   grep -v "^{" "$OUT/topk-stages.log" | tail -7 | cut -c1-150
-  (cd benchmarks && timeout 150 python3 bench_layer.py --T 65536 --hkv 1 --skip gdn --name layer > "$OUT/layer.log" 2>&1)
+  (cd benchmarks && timeout 150 python3 bench_layer.py --T 65536 --hkv 1 --skip gdn --name layer \
+    > "$OUT/layer.log" 2>&1)
   grep -v "^{" "$OUT/layer.log" | tail -12 | cut -c1-150
 fi
-if want final; then  # run 13: the new defaults' tests, the 350M pair at 32k, dense-350m with the rotary reference, the
-  # threshold stages and the layer rows (about 8 minutes)
-  timeout 130 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE \
-    -k "indexer_topk or chunked or threshold or sparse_attention_matches" > "$OUT/tests-final.log" 2>&1
-  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-final.log" | cut -c1-200 | head -14
-  (cd benchmarks && timeout 190 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 --warmup 1 \
-    --steps 3 --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1)
-  grep -v "^{" "$OUT/model-32k.log" | grep -v "^\s*File\|^\s*\^" | tail -8 | cut -c1-200
-  (cd benchmarks && timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 \
-    --rotary-reference --out "$OUT/model-32k-rotary-reference.json" > "$OUT/model-32k-rotary-reference.log" 2>&1)
-  grep -v "^{" "$OUT/model-32k-rotary-reference.log" | tail -3 | cut -c1-200
-  (cd benchmarks && timeout 40 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
-  grep -v "^{" "$OUT/topk-stages.log" | tail -6 | cut -c1-150
-  (cd benchmarks && timeout 180 python3 bench_layer.py --T 65536 131072 --hkv 1 4 --skip gdn --name layer \
-    > "$OUT/layer.log" 2>&1)
-  grep -v "^{" "$OUT/layer.log" | tail -34 | cut -c1-150
-fi
 cd benchmarks
-if want pending; then
-  timeout 60 python3 bench_topk.py --stages --T 65536 131072 --rows 32768 > "$OUT/topk-stages.log" 2>&1
-  grep -v "^{" "$OUT/topk-stages.log" | tail -12 | cut -c1-150
-  timeout 60 python3 bench_sparse_attention.py --mla --T 16384 65536 > "$OUT/mla.log" 2>&1
-  grep -v "^{" "$OUT/mla.log" | tail -8 | cut -c1-150
-  timeout 150 python3 bench_layer.py --T 65536 131072 --hkv 1 --skip gdn --name layer > "$OUT/layer.log" 2>&1
-  grep -v "^{" "$OUT/layer.log" | tail -20 | cut -c1-150
-  timeout 120 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 \
-    --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1
-  grep -v "^{" "$OUT/model-32k.log" | tail -30 | cut -c1-150
-  timeout 60 python3 bench_model.py --configs dense-350m --T 32768 --warmup 1 --steps 3 --profile 10 --rotary-reference \
-    --out "$OUT/model-32k-rotary.json" > "$OUT/model-32k-rotary.log" 2>&1
-  grep -v "^{" "$OUT/model-32k-rotary.log" | tail -16 | cut -c1-150
-fi
 if want layer; then
   timeout ${LAYER_TIMEOUT:-240} python3 bench_layer.py ${LAYER_ARGS:-} > "$OUT/layer.log" 2>&1
   grep -v "^{" "$OUT/layer.log" | tail -40 | cut -c1-200

@@ -142,7 +142,8 @@ class MLAMixin:
 
     def _mla_absorbed(self, q_nope, q_rope, latent, k_rope, q_latent) -> AttentionInputs:
         """Queries `[B, T, H, R + rope]` against the one latent key head `[B, L, 1, R + rope]`; the values are the
-        latent itself `[B, L, 1, R]` (a view of the keys). q_nope . (W_k c) = (W_k^T q_nope) . c, so the scores equal the expanded ones."""
+        latent itself `[B, L, 1, R]` (a view of the keys). q_nope . (W_k c) = (W_k^T q_nope) . c, so the scores
+        equal the expanded ones."""
         w_k, _ = self._mla_up_weights()
         q_abs = torch.einsum("bthn,hnr->bthr", q_nope, w_k)  # [B, T, H, R]
         q = torch.cat([q_abs, q_rope], dim=-1)

@@ -25,12 +25,12 @@ TRITON_PRIORITY = 100
 _HALF = (torch.bfloat16, torch.float16)
 
 
-def _indexer_available(device: torch.device, dtype: torch.dtype) -> bool:
+def _triton_on_cuda(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cuda" and dtype in _HALF + (torch.float32,) and has_triton()
 
 
 def _sparse_available(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cuda" and dtype in _HALF and has_triton()
+    return dtype in _HALF and _triton_on_cuda(device, dtype)
 
 
 def _indexer_topk(q_idx, k_idx, weights, topk, *, cu_seqlens=None):
@@ -45,7 +45,7 @@ def _sparse_attention(q, k, v, indices, *, scale, cu_seqlens=None, return_lse=Fa
     return sparse_attention_triton(q, k, v, indices, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
 
 
-register_backend("lightning_indexer_topk", "triton", _indexer_topk, available=_indexer_available,
+register_backend("lightning_indexer_topk", "triton", _indexer_topk, available=_triton_on_cuda,
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton")
 register_backend("sparse_attention", "triton", _sparse_attention, available=_sparse_available,
                  priority=TRITON_PRIORITY, requires="a CUDA device, triton and bf16/fp16 inputs")
@@ -68,9 +68,9 @@ def _needs_lse(features: dict) -> str | None:
     return None if features.get("attn_lse", True) else "it needs attn_lse (the sparse attention's log-sum-exp)"
 
 
-register_backend("indexer_kl_dense", "triton", _kl_dense, available=_indexer_available,
+register_backend("indexer_kl_dense", "triton", _kl_dense, available=_triton_on_cuda,
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton")
-register_backend("indexer_kl_sparse", "triton", _kl_sparse, available=_indexer_available,
+register_backend("indexer_kl_sparse", "triton", _kl_sparse, available=_triton_on_cuda,
                  priority=TRITON_PRIORITY, requires="a CUDA device and triton", supports=_needs_lse)
 
 
@@ -89,7 +89,7 @@ ROTARY_PRIORITY = -10
 def prefer_rotary_kernel(on: bool = True) -> None:
     """Let "auto" pick the rotary kernel on CUDA (on, the default) or the reference (off): benchmarks compare the
     two."""
-    register_backend("rotary", "triton", _rotary, available=_indexer_available,
+    register_backend("rotary", "triton", _rotary, available=_triton_on_cuda,
                      priority=TRITON_PRIORITY if on else ROTARY_PRIORITY, requires="a CUDA device and triton")
 
 

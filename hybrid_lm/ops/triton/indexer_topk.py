@@ -421,9 +421,10 @@ def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
 # large ties: e.g. a token whose index-head weights are all negative scores every key <= 0; the other blocks keep
 # every tie) or "grouped" (as auto, after a stable sort that puts the rows with a zero threshold into blocks of
 # their own: with random weights 1 token in 16 has one, and 64% of 16-row blocks in position order; checked in
-# the interpreter and compiled for sm_90, not yet run on a GPU). On an H100 (run 12, 2026-12-06, the last 32,768 rows at T = 65,536) the pass took 20.1 ms ranking
-# ties and 12.3 ms keeping them with (32, 64, 8), 17.5 and 11.4 ms with (16, 64, 4); a count-only floor (same scores,
-# no compaction) 4.3-4.8 ms. `bench_topk.py --candidates` times the choices.
+# the interpreter and compiled for sm_90, not yet run on a GPU). On an H100 (run 12, 2026-12-06, the last 32,768
+# rows at T = 65,536) the pass took 20.1 ms ranking ties and 12.3 ms keeping them with (32, 64, 8), 17.5 and 11.4 ms
+# with (16, 64, 4); a count-only floor (same scores, no compaction) 4.3-4.8 ms; "auto" 15.7 ms in run 13.
+# `bench_topk.py --candidates` times the choices.
 CANDIDATE_CONFIG = (16, 64, 4)
 RANK_TIES = "auto"
 

