@@ -26,6 +26,7 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
     python benchmarks/bench_model.py --configs gdn-dsa-350m dense-350m --T 4096 16384 --out model.json
     python benchmarks/bench_model.py --device cpu --tiny --out /tmp/model.json  # seconds: the CPU smoke test
     python benchmarks/bench_model.py --configs dsa-125m --T 4096 --profile 15   # where a step's GPU time goes
+    python benchmarks/bench_model.py --configs gdn-dsa-350m --T 32768 --set num_key_value_heads=1  # what-ifs
 
 `--profile N` runs one more step under torch.profiler and keeps the N kernels with the most self device time
 (`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
@@ -123,6 +124,8 @@ def profile_step(step, device, top: int) -> list:
 
 def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     cfg = hybrid_lm.load_config(find_config(name))
+    if args.set:  # model config overrides: top-level keys, or mixers.<type>.<key>
+        cfg = hybrid_lm.config_replace(cfg, **model_overrides(args.set))
     if T > cfg.max_position_embeddings:
         raise ValueError(f"T = {T} exceeds {name}'s max_position_embeddings = {cfg.max_position_embeddings}")
     B = max(1, args.tokens // T)
@@ -161,14 +164,31 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         print(f"{name} T={T}: top kernels of one step (ms, share of kernel time)")
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
-    impl = f"train-bf16-{stage}" + ("-compiled" if args.compile else "") + (
-        "-rotary-reference" if args.rotary_reference else "") + ("-ckpt" if args.activation_checkpointing else "")
+    impl = (f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + ("-compiled" if args.compile else "")
+            + ("-rotary-reference" if args.rotary_reference else "") + ("-ckpt" if args.activation_checkpointing else ""))
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
                non_embedding_m=model.num_parameters(exclude_embeddings=True) / 1e6,
                train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage, profile=prof,
-               lm_loss="chunked", activation_checkpointing=args.activation_checkpointing)
+               lm_loss="chunked", activation_checkpointing=args.activation_checkpointing, overrides=args.set or None)
+
+
+def model_overrides(items: list[str]) -> dict:
+    """`--set` strings (`num_key_value_heads=1`, `mixers.dsa.index_topk=1024`; values parsed as YAML) as
+    config_replace's keyword arguments."""
+    from hybrid_lm.training.config import _parse_override
+
+    out: dict = {}
+    for item in items:
+        keys, value = _parse_override(item)
+        if keys[0] == "mixers" and len(keys) == 3:
+            out.setdefault("mixers", {}).setdefault(keys[1], {})[keys[2]] = value
+        elif len(keys) == 1:
+            out[keys[0]] = value
+        else:
+            raise ValueError(f"--set {item!r}: use a top-level model key or mixers.<type>.<key>")
+    return out
 
 
 def failed(name: str, T: int, e: BaseException) -> dict:
@@ -203,6 +223,9 @@ def main(argv=None) -> list:
                     help="recompute each block's activations in the backward (rows end in -ckpt)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
+    ap.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                    help="override a model config value for every row (YAML-parsed; rows' impl name it), e.g. "
+                         "--set num_key_value_heads=1 --set mixers.dsa.index_topk=1024")
     ap.add_argument("--peak-tflops", type=float, help="the card's peak dense bf16 TFLOPS (default: from its name)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help=f"smoke mode: {' '.join(TINY_CONFIGS)} at T 32 64, "

@@ -1,6 +1,6 @@
 """benchmarks/bench_model.py's CPU smoke mode: a training step of the tiny hybrid is timed, its FLOPs and MFU follow
-the formula of the script's docstring, `--activation-checkpointing` reaches the model and names the row, and failing or
-over-budget rows are recorded instead of ending the run."""
+the formula of the script's docstring, `--activation-checkpointing` and `--set` reach the model and name the row,
+and failing or over-budget rows are recorded instead of ending the run."""
 
 import importlib.util
 import json
@@ -53,6 +53,25 @@ def test_activation_checkpointing_flag_names_the_row_and_reaches_the_model(bench
     assert r["impl"] == "train-bf16-sparse-ckpt" and r["activation_checkpointing"] is True and r.get("note") is None
     assert r["lm_loss"] == "chunked" and r["fwdbwd_ms"] > 0 and seen == [True]
     assert logits == {False}  # the step and the forward alone both take the chunked loss, as the trainer does
+
+
+def test_set_overrides_the_model_config_and_names_the_row(bench, tmp_path, monkeypatch):
+    built = []
+    original = hybrid_lm.build_model
+    monkeypatch.setattr(hybrid_lm, "build_model", lambda cfg, **k: built.append(cfg) or original(cfg, **k))
+    out = tmp_path / "model.json"
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--set", "num_key_value_heads=1",
+                "--set", "mixers.dsa.index_topk=8", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["impl"] == "train-bf16-sparse-num_key_value_heads=1-mixers.dsa.index_topk=8" and r.get("note") is None
+    assert r["overrides"] == ["num_key_value_heads=1", "mixers.dsa.index_topk=8"]
+    (cfg,) = built
+    assert cfg.num_key_value_heads == 1 and cfg.mixers["dsa"].index_topk == 8
+    with pytest.raises(ValueError, match="mixers.<type>.<key>"):
+        bench.model_overrides(["mixers.dsa=1"])
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--set", "num_key_value_heads=4", "--out", str(out)])
+    (bad,) = json.loads(out.read_text())  # 6 heads do not split into 4 groups: the row records the config's error
+    assert bad["impl"] == "error" and "num_key_value_heads" in bad["note"]
 
 
 def test_rows_past_the_time_budget_are_skipped(bench, tmp_path):
