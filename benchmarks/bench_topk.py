@@ -96,8 +96,8 @@ def stages(T, R, rows):
         "thresholds (sampled scores + torch.topk)": lambda: it.row_thresholds(q, k, w, lo, hi, t0, t1, TOPK,
                                                                              bufs["samples"]),
         f"candidate pass (ties: {it.RANK_TIES})": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs),
-        "candidate pass (ties: grouped)": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs,
-                                                                    rank_ties="grouped"),
+        "candidate pass (ties: ranked in every block)": lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1,
+                                                                                  TOPK, bufs, rank_ties=True),
         "k-th candidate (torch.topk) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK, kth="torch"),
         "whole chunk": lambda: it.threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, TOPK, bufs),
         "k-th candidate (in-kernel search) + select": lambda: it.select_candidates(*cand[:3], t0, out, TOPK,
@@ -143,7 +143,7 @@ def candidates(T, R, rows):
     ref = None
     slots = torch.arange(bufs["offsets"].numel() // R, device="cuda")
     runs = [(cfg, mode) for cfg in CANDIDATE_CONFIGS for mode in (True, False)]
-    runs += [(it.CANDIDATE_CONFIG, "auto"), (it.CANDIDATE_CONFIG, "grouped")]
+    runs += [(it.CANDIDATE_CONFIG, "grouped")]
     for cfg, mode in runs:
         fn = lambda: it.keep_candidates(q, k, w, tau, lo, hi, t0, t1, TOPK, bufs, config=cfg, rank_ties=mode)
         _, cand_i, count, total = fn()

@@ -13,7 +13,7 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=next: what run 13 left (BENCHMARKS.md): its cut tests, 'grouped', gdn-dsa-350m with one KV head. The one-off parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are
+# ONLY=next: what run 14 left (BENCHMARKS.md): the tie tests, gdn-dsa-350m with one KV head. The one-off parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are
 # in git history (commit 2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -22,18 +22,15 @@ if want tests; then
     -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
-if want next; then  # what run 13 left: the tie tests it cut, the "grouped" candidate pass (opt-in), the 350M pair
-  timeout 150 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE -k "ties or grouped" \
+if want next; then  # what run 14 left: the tie tests after the tie bound, gdn-dsa-350m with one KV head at 32k
+  timeout 170 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE -k "ties or topk" \
     > "$OUT/tests-next.log" 2>&1
   grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-next.log" | cut -c1-200 | head -14
   (cd benchmarks && timeout 60 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
   grep -v "^{" "$OUT/topk-stages.log" | tail -7 | cut -c1-150
-  (cd benchmarks && timeout 100 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --set num_key_value_heads=1 \
-    --out "$OUT/model-mqa.json" > "$OUT/model-mqa.log" 2>&1)
-  grep -v "^{" "$OUT/model-mqa.log" | tail -3 | cut -c1-200
-  (cd benchmarks && timeout 150 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 \
-    --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1)
-  grep -v "^{" "$OUT/model-32k.log" | tail -4 | cut -c1-200
+  (cd benchmarks && timeout 240 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --set num_key_value_heads=1 \
+    --profile 14 --out "$OUT/model-mqa.json" > "$OUT/model-mqa.log" 2>&1)
+  grep -v "^{" "$OUT/model-mqa.log" | grep -v TileLang | tail -20 | cut -c1-200
 fi
 cd benchmarks
 if want layer; then

@@ -115,7 +115,7 @@ def case_topk():
             cand = it.keep_candidates(q, k, w, torch.zeros(1, 64), *it._visible_range(T, T, None, "cpu"),
                                       0, 64, topk, bufs)
             it.select_candidates(*cand[:3], 0, torch.empty(1, T, topk, dtype=torch.int64), topk, kth=kth)
-        for mode in (False, True, "grouped"):  # the default "auto" ran above
+        for mode in (False, True):  # the default "grouped" ran above
             it.keep_candidates(q, k, w, torch.zeros(1, 64), *it._visible_range(T, T, None, "cpu"), 0, 64, topk,
                                bufs, rank_ties=mode)
 

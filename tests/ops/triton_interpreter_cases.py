@@ -73,12 +73,12 @@ def case_topk():
     n = check_topk("no threshold -> overflow -> exact rows", q, k, w, 64, plan=(2, 10**6, 128), select="threshold")
     assert n > 100, "the forced fallback did not happen"
     # every other key scores exactly 0 and half the rows only score <= 0: their top-k lies in a tie larger than
-    # the candidate buffer, which only the tie cap keeps off the exact path ("auto": the blocks of rows whose
-    # threshold is 0 rank ties, the others keep every tie; True: every block ranks them)
+    # the candidate buffer, which only the tie cap keeps off the exact path ("grouped": the rows whose threshold is
+    # 0 are sorted into blocks of their own, which rank ties, the others keep every tie; True: every block ranks)
     ties = index_inputs(400, negative_rows=200, zero_keys=2)
     default = it.RANK_TIES
     try:
-        for mode in ("auto", "grouped"):
+        for mode in (True, "grouped"):
             it.RANK_TIES = mode
             n = check_topk(f"large ties, rank ties {mode}", *ties, 40, select="threshold")
             assert n <= 4, f"{n} rows fell back: the tie cap is not working"
@@ -86,7 +86,7 @@ def case_topk():
         q2, k2, w2 = (torch.cat(x) for x in zip(index_inputs(300, zero_keys=2), index_inputs(300, zero_keys=2)))
         neg = torch.rand(2, 300) < 0.3
         w2[neg] = -w2[neg].abs()
-        for mode in ("auto", "grouped"):
+        for mode in (True, "grouped"):
             it.RANK_TIES = mode
             n = check_topk(f"scattered ties, batch of 2, rank ties {mode}", q2, k2, w2, 40, select="threshold")
             assert n <= 4, f"{n} rows fell back"

@@ -125,27 +125,26 @@ def _index_scores_kernel(
 
 @triton.jit
 def _candidates_kernel(
-    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, TOT, TIED, t0, t1, Tk,
+    Q, K_, W, TAU, LO, HI_, CV, CI, CNT, TOT, ORDER, t0, t1, Tk,
     sq_b, sq_t, sk_b, sk_t, sw_b, sw_t, sc_b, sc_r, sn_b, st_b,
     HI: tl.constexpr, HI_P2: tl.constexpr, DI: tl.constexpr, BLOCK_DI: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAP: tl.constexpr, TOPK: tl.constexpr, PRECISION: tl.constexpr,
-    RANK_TIES: tl.constexpr = True, BY_BLOCK: tl.constexpr = False, ORDERED: tl.constexpr = False,
+    RANK_TIES: tl.constexpr = True, ORDERED: tl.constexpr = False,
 ):
     """Stream over a row block's visible keys and keep, in position order, every key scoring above the row's
-    threshold and (RANK_TIES) only the first TOPK keys scoring exactly the threshold (no later tie can be selected:
-    the reference keeps the earliest), or (not RANK_TIES) every tie too, one prefix product a tile instead of two
-    (a row whose ties overflow CAP is then redone exactly): values and offsets (key - first visible key) into
-    CV / CI [B, rows, CAP]. CNT counts the kept keys, also those that did not fit (CNT > CAP: overflow); TOT counts
-    every key at or above the threshold (TOT < min(topk, visible keys): the threshold was too high). BY_BLOCK: this
-    launch only does the row blocks whose TIED flag [B, blocks] equals RANK_TIES (two launches split the blocks).
-    ORDERED: block m takes the rows t0 + TIED[b, m * BLOCK_M:(m + 1) * BLOCK_M] (a permutation of the chunk's row
-    offsets) and this launch does it if any of them has a threshold of exactly 0 == RANK_TIES."""
+    threshold and (RANK_TIES) only the keys scoring exactly the threshold that can still be selected, or (not
+    RANK_TIES) every tie too, one prefix product a tile instead of two (a row whose ties overflow CAP is then redone
+    exactly): values and offsets (key - first visible key) into CV / CI [B, rows, CAP]. CNT counts the kept keys,
+    also those that did not fit (CNT > CAP: overflow); TOT counts every key at or above the threshold (TOT <
+    min(topk, visible keys): the threshold was too high). ORDERED: block m takes the rows t0 + ORDER[b, m *
+    BLOCK_M:(m + 1) * BLOCK_M] (a permutation of the chunk's row offsets) and this launch does it if any of them has
+    a threshold of exactly 0 == RANK_TIES."""
     pid_m, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
     row0 = t0 + pid_m * BLOCK_M
     if ORDERED:
         n_rows = t1 - t0
         slots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = t0 + tl.load(TIED + b * st_b + slots, mask=slots < n_rows, other=0)
+        rows = t0 + tl.load(ORDER + b * st_b + slots, mask=slots < n_rows, other=0)
         tau = tl.load(TAU + b * sn_b + (rows - t0), mask=slots < n_rows, other=float("inf"))
         zero_tau = tl.max(((slots < n_rows) & (tau == 0)).to(tl.int32), 0)
         # this launch's rows of the block: all or none (a scalar count, not a scalar bool: and-ing a 0-d bool into
@@ -153,12 +152,9 @@ def _candidates_kernel(
         n_mine = tl.where((zero_tau > 0) == RANK_TIES, n_rows, 0)
         rows = tl.where(slots < n_mine, rows, t1)  # t1: no row (the other launch does this block)
         pslots = pid_m * BLOCK_M + tl.arange(0, BLOCK_M * HI_P2) // HI_P2
-        tok = t0 + tl.load(TIED + b * st_b + pslots, mask=pslots < n_rows, other=0)
+        tok = t0 + tl.load(ORDER + b * st_b + pslots, mask=pslots < n_rows, other=0)
         q, w = _query_rows(Q, W, b, tok, pslots < n_mine, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
     else:
-        if BY_BLOCK:
-            if (tl.load(TIED + b * st_b + pid_m) != 0) != RANK_TIES:
-                t1 = row0  # no valid row: the other launch does this block
         q, w = _query_block(Q, W, b, row0, t1, sq_b, sq_t, sw_b, sw_t, HI, HI_P2, DI, BLOCK_DI, BLOCK_M)
         rows = row0 + tl.arange(0, BLOCK_M)
     valid_row, row_lo, row_hi, lo, hi = _row_ranges(LO, HI_, rows, t1)
@@ -180,7 +176,9 @@ def _candidates_kernel(
             eq = seen & (scores == tau[:, None])
             # (ranking ties only in tiles that have any, under an `if`, failed to compile on an H100, triton 3.6)
             tie_rank = ties[:, None] + tl.dot(eq.to(tl.float16), upper).to(tl.int32)
-            keep = gt | (eq & (tie_rank <= TOPK))
+            # the selection takes the first TOPK - (keys above the threshold) ties; the keys above it in earlier
+            # tiles (total - ties) are a lower bound of those, so a tie ranked past TOPK minus them is never taken
+            keep = gt | (eq & (tie_rank <= TOPK - (total - ties)[:, None]))
             n_eq = tl.sum(eq.to(tl.int32), 1)
             ties += n_eq
             total += tl.sum(gt.to(tl.int32), 1) + n_eq
@@ -417,16 +415,16 @@ def row_thresholds(q, k, w, lo, hi, t0, t1, topk, buf):
 
 # The candidate pass: (BLOCK_M query rows, BLOCK_N keys a tile, num_warps), and where exact ties with a row's
 # threshold are ranked in the kernel: True (every row block), False (none: a row whose ties overflow the buffer is
-# redone exactly), "auto" (only row blocks with a row whose threshold is exactly 0, where ReLU's zeros make
-# large ties: e.g. a token whose index-head weights are all negative scores every key <= 0; the other blocks keep
-# every tie) or "grouped" (as auto, after a stable sort that puts the rows with a zero threshold into blocks of
-# their own: with random weights 1 token in 16 has one, and 64% of 16-row blocks in position order; checked in
-# the interpreter and compiled for sm_90, not yet run on a GPU). On an H100 (run 12, 2026-12-06, the last 32,768
-# rows at T = 65,536) the pass took 20.1 ms ranking ties and 12.3 ms keeping them with (32, 64, 8), 17.5 and 11.4 ms
-# with (16, 64, 4); a count-only floor (same scores, no compaction) 4.3-4.8 ms; "auto" 15.7 ms in run 13.
+# redone exactly) or "grouped" (only the rows whose threshold is exactly 0, where ReLU's zeros make large ties: e.g.
+# a token whose index-head weights are all negative scores every key <= 0. A stable sort puts those rows into row
+# blocks of their own, which rank ties; the other blocks keep every tie with one prefix product a tile). On an H100
+# (run 12, 2026-12-06, the last 32,768 rows at T = 65,536) the pass took 20.1 ms ranking ties and 12.3 ms keeping
+# them with (32, 64, 8), 17.5 and 11.4 ms with (16, 64, 4); a count-only floor (same scores, no compaction)
+# 4.3-4.8 ms. Run 14 (2026-12-06): "grouped" 12.0 ms against 15.4 ms for ranking in every 16-row block that held
+# such a row in position order (with random weights 1 token in 16 has one, so 64% of blocks did).
 # `bench_topk.py --candidates` times the choices.
 CANDIDATE_CONFIG = (16, 64, 4)
-RANK_TIES = "auto"
+RANK_TIES = "grouped"
 
 
 def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, config=None, rank_ties=None):
@@ -434,8 +432,8 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, config=None, rank_
     `config` (BLOCK_M, BLOCK_N, num_warps) and `rank_ties` default to CANDIDATE_CONFIG and RANK_TIES."""
     block_m, block_n, num_warps = config or CANDIDATE_CONFIG
     mode = RANK_TIES if rank_ties is None else rank_ties
-    if mode not in (True, False, "auto", "grouped"):
-        raise ValueError(f"keep_candidates: rank_ties must be True, False, 'auto' or 'grouped', got {mode!r}")
+    if mode not in (True, False, "grouped"):
+        raise ValueError(f"keep_candidates: rank_ties must be True, False or 'grouped', got {mode!r}")
     B, c, cap = q.shape[0], t1 - t0, threshold_plan(topk)[2]
     cand_v = bufs["values"][: B * c * cap].view(B, c, cap)
     cand_i = bufs["offsets"][: B * c * cap].view(B, c, cap)
@@ -443,18 +441,15 @@ def keep_candidates(q, k, w, tau, lo, hi, t0, t1, topk, bufs, config=None, rank_
     total = bufs["total"][: B * c].view(B, c)
     args = _tile_args(q, block_m)
     n_blocks = triton.cdiv(c, args["BLOCK_M"])
-    tied = tau  # read only when the blocks are split
-    if mode == "auto":  # [B, blocks]: 1 where a row's threshold is exactly 0
-        tied = torch.nn.functional.pad(tau == 0, (0, n_blocks * args["BLOCK_M"] - c))
-        tied = tied.view(B, n_blocks, args["BLOCK_M"]).any(-1).to(torch.int8)
-    elif mode == "grouped":  # [B, rows]: the row offsets, those with a zero threshold first, each group in order
-        tied = torch.argsort((tau != 0).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-    for rank in (False, True) if mode in ("auto", "grouped") else (mode,):
+    order = tau  # read only when the rows are grouped
+    if mode == "grouped":  # [B, rows]: the row offsets, those with a zero threshold first, each group in order
+        order = torch.argsort((tau != 0).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    for rank in (False, True) if mode == "grouped" else (mode,):
         _candidates_kernel[(n_blocks, B)](
-            q, k, w, tau, lo, hi, cand_v, cand_i, count, total, tied, t0, t1, k.shape[1],
+            q, k, w, tau, lo, hi, cand_v, cand_i, count, total, order, t0, t1, k.shape[1],
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), w.stride(0), w.stride(1), cand_v.stride(0),
-            cand_v.stride(1), count.stride(0), tied.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk,
-            RANK_TIES=rank, BY_BLOCK=mode == "auto", ORDERED=mode == "grouped", num_warps=num_warps,
+            cand_v.stride(1), count.stride(0), order.stride(0), **args, BLOCK_N=block_n, CAP=cap, TOPK=topk,
+            RANK_TIES=rank, ORDERED=mode == "grouped", num_warps=num_warps,
         )
     return cand_v, cand_i, count, total
 
