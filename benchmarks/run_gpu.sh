@@ -31,6 +31,14 @@ if want next; then  # what run 14 left: the tie tests after the tie bound, gdn-d
   (cd benchmarks && timeout 240 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --set num_key_value_heads=1 \
     --profile 14 --out "$OUT/model-mqa.json" > "$OUT/model-mqa.log" 2>&1)
   grep -v "^{" "$OUT/model-mqa.log" | grep -v TileLang | tail -20 | cut -c1-200
+  (cd benchmarks && timeout 150 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 \
+    --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1)  # the same-run baseline
+  grep -v "^{" "$OUT/model-32k.log" | grep -v TileLang | tail -3 | cut -c1-200
+fi
+if want fla; then  # every fla mixer the registry exposes: a training step, packed documents, cached decoding
+  timeout ${FLA_TIMEOUT:-200} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
+    > "$OUT/tests-fla.log" 2>&1
+  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-fla.log" | cut -c1-200 | head -20
 fi
 cd benchmarks
 if want layer; then
