@@ -32,7 +32,9 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
 (`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
 (`compile: true` in a training config does the same); its compile time falls into the warm-up steps.
 `--activation-checkpointing` recomputes each block's activations in the backward, as `activation_checkpointing:
-true` in a training config does (rows end in `-ckpt`).
+true` in a training config does (rows end in `-ckpt`). `--cast-per-projection` times the blocks as they were before
+the fifth session of 2026-12-06: under autocast each projection cast the fp32 normalised input itself (rows end in
+`-cast-per-projection`); now each block's norms cast it once.
 Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
 through the fp32 PyTorch reference instead (the default before 2026-12-06 run 11; rows then end in
 `-rotary-reference`, and rows of runs 10-11 ending in `-rotary-kernel` used the kernel when it was opt-in).
@@ -59,6 +61,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, row, today  # noqa: E402
 
 import hybrid_lm  # noqa: E402
+import hybrid_lm.model.block as block  # noqa: E402
 from hybrid_lm.zoo import find_config  # noqa: E402
 
 DEFAULT_CONFIGS = ["dense-125m", "gdn-125m", "gdn-attn-125m", "gdn-dsa-125m", "dsa-125m", "qwen3-next-125m",
@@ -164,8 +167,9 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         print(f"{name} T={T}: top kernels of one step (ms, share of kernel time)")
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
-    impl = (f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + ("-compiled" if args.compile else "")
-            + ("-rotary-reference" if args.rotary_reference else "") + ("-ckpt" if args.activation_checkpointing else ""))
+    flags = (("-compiled", args.compile), ("-rotary-reference", args.rotary_reference),
+             ("-ckpt", args.activation_checkpointing), ("-cast-per-projection", args.cast_per_projection))
+    impl = f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + "".join(n for n, on in flags if on)
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
@@ -223,6 +227,9 @@ def main(argv=None) -> list:
                     help="recompute each block's activations in the backward (rows end in -ckpt)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
+    ap.add_argument("--cast-per-projection", action="store_true",
+                    help="each projection casts the blocks' fp32 normalised input itself, as before 2026-12-06 "
+                         "(default: the norms cast it once; rows end in -cast-per-projection)")
     ap.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
                     help="override a model config value for every row (YAML-parsed; rows' impl name it), e.g. "
                          "--set num_key_value_heads=1 --set mixers.dsa.index_topk=1024")
@@ -249,6 +256,16 @@ def main(argv=None) -> list:
     print(f"{device_name(device)}; peak bf16 {peak} TFLOPS; torch {torch.__version__}", flush=True)
     if peak is None:
         print("unknown peak TFLOPS for this device: mfu stays empty (pass --peak-tflops)", flush=True)
+    cast_once = block.matmul_dtype
+    if args.cast_per_projection:  # the blocks before 2026-12-06 (fifth session): norms return the residual's dtype
+        block.matmul_dtype = lambda x: x.dtype
+    try:
+        return run_rows(configs, contexts, args, device, peak)
+    finally:
+        block.matmul_dtype = cast_once
+
+
+def run_rows(configs, contexts, args, device, peak) -> list:
     start, rows = time.perf_counter(), []
     for T in contexts:  # every config at the short context first, so a spent budget cuts the longest rows
         for name in configs:

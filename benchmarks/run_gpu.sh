@@ -13,8 +13,8 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=next: what run 14 left (BENCHMARKS.md): the tie tests, gdn-dsa-350m with one KV head. The one-off parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are
-# in git history (commit 2cfb793).
+# ONLY=next: what runs 14-17 left (BENCHMARKS.md); ONLY=fla: the fla mixer tests, one mixer at a time. The one-off
+# parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are in git history (commit 2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want tests; then
@@ -22,23 +22,25 @@ if want tests; then
     -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
-if want next; then  # what run 14 left: the tie tests after the tie bound, gdn-dsa-350m with one KV head at 32k
-  timeout 170 python3 -m pytest tests/gpu/test_dsa_kernels.py -q -p no:cacheprovider -rfE -k "ties or topk" \
-    > "$OUT/tests-next.log" 2>&1
-  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-next.log" | cut -c1-200 | head -14
-  (cd benchmarks && timeout 60 python3 bench_topk.py --stages --T 65536 --rows 32768 > "$OUT/topk-stages.log" 2>&1)
-  grep -v "^{" "$OUT/topk-stages.log" | tail -7 | cut -c1-150
-  (cd benchmarks && timeout 240 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --set num_key_value_heads=1 \
-    --profile 14 --out "$OUT/model-mqa.json" > "$OUT/model-mqa.log" 2>&1)
-  grep -v "^{" "$OUT/model-mqa.log" | grep -v TileLang | tail -20 | cut -c1-200
-  (cd benchmarks && timeout 150 python3 bench_model.py --configs gdn-dsa-350m dense-350m --T 32768 \
-    --out "$OUT/model-32k.json" > "$OUT/model-32k.log" 2>&1)  # the same-run baseline
-  grep -v "^{" "$OUT/model-32k.log" | grep -v TileLang | tail -3 | cut -c1-200
+if want next; then  # what runs 14-17 left (BENCHMARKS.md): the norms' single cast, compile, the 16k/32k rows
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
+    --out "$OUT/model-next.json" > "$OUT/model-next.log" 2>&1)
+  (cd benchmarks && timeout 150 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
+    --cast-per-projection --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
+  (cd benchmarks && timeout 150 python3 bench_model.py --configs dense-350m dense-125m --T 4096 --compile \
+    --out "$OUT/model-next-compiled.json" > "$OUT/model-next-compiled.log" 2>&1)
+  for f in model-next model-next-old model-next-compiled; do
+    grep -v "^{" "$OUT/$f.log" | grep -v TileLang | grep " | " | tail -4 | cut -c1-200
+  done
 fi
-if want fla; then  # every fla mixer the registry exposes: a training step, packed documents, cached decoding
-  timeout ${FLA_TIMEOUT:-200} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
-    > "$OUT/tests-fla.log" 2>&1
-  grep -E "passed|failed|^FAILED|^E  " "$OUT/tests-fla.log" | cut -c1-200 | head -20
+if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
+  for m in ${FLA_MIXERS:-fla_gated_deltanet fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gla fla_kda \
+      fla_deltanet}; do
+    timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
+      -k "$m" > "$OUT/tests-fla-$m.log" 2>&1
+    got=$(grep -E "passed|failed" "$OUT/tests-fla-$m.log" | tail -1)
+    echo "$m: ${got:-cut at ${FLA_TIMEOUT:-120} s}"
+  done
 fi
 cd benchmarks
 if want layer; then

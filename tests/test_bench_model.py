@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 import hybrid_lm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
@@ -72,6 +74,24 @@ def test_set_overrides_the_model_config_and_names_the_row(bench, tmp_path, monke
     bench.main(["--device", "cpu", "--tiny", "--T", "32", "--set", "num_key_value_heads=4", "--out", str(out)])
     (bad,) = json.loads(out.read_text())  # 6 heads do not split into 4 groups: the row records the config's error
     assert bad["impl"] == "error" and "num_key_value_heads" in bad["note"]
+
+
+def test_cast_per_projection_times_the_old_blocks_and_restores_them(bench, tmp_path, monkeypatch):
+    import hybrid_lm.model.block as block
+
+    cast_once, patched = block.matmul_dtype, []
+    forward = hybrid_lm.HybridLM.forward
+    monkeypatch.setattr(hybrid_lm.HybridLM, "forward",
+                        lambda self, *a, **k: patched.append(block.matmul_dtype is not cast_once)
+                        or forward(self, *a, **k))
+    out = tmp_path / "model.json"
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--cast-per-projection", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["impl"] == "train-bf16-sparse-cast-per-projection" and r.get("note") is None
+    assert patched and all(patched)  # every step ran the old blocks
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert block.matmul_dtype(torch.zeros(1)) == torch.bfloat16  # and the run put the norms' cast back
+    assert block.matmul_dtype is cast_once
 
 
 def test_rows_past_the_time_budget_are_skipped(bench, tmp_path):

@@ -11,8 +11,9 @@ from .gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig
 from .indexer import LightningIndexer
 from .mlp import SwiGLU
 from .moe import MoE
-from .norm import GatedRMSNorm, RMSNorm
+from .norm import GatedRMSNorm, RMSNorm, matmul_dtype
 from .sequence import SequenceInfo
 
 __all__ = ["Attention", "AttentionConfig", "DeepSeekSparseAttention", "DSAConfig", "DSA_STAGES", "GatedDeltaNet",
-           "GatedDeltaNetConfig", "LightningIndexer", "SwiGLU", "MoE", "RMSNorm", "GatedRMSNorm", "SequenceInfo"]
+           "GatedDeltaNetConfig", "LightningIndexer", "SwiGLU", "MoE", "RMSNorm", "GatedRMSNorm", "SequenceInfo",
+           "matmul_dtype"]

@@ -27,6 +27,7 @@ from torch import nn
 from ..config import MoEConfig
 from ..ops.backends import get_backend, register_backend, resolve_backend
 from .mlp import SwiGLU
+from .norm import matmul_dtype
 
 
 def moe_route(logits: torch.Tensor, cfg: MoEConfig, bias: torch.Tensor | None = None):
@@ -123,8 +124,7 @@ def moe_experts(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Te
                 backend: str = "auto") -> torch.Tensor:
     """SwiGLU experts over rows sorted by expert: rows `[M, C]`, `counts [E]` rows per expert in order, weights
     `gate_up_proj [E, 2I, C]`, `down_proj [E, C, I]`; returns `[M, C]`."""
-    kind = x.device.type
-    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype  # what the matmuls see
+    dtype = matmul_dtype(x)  # what the matmuls see
     features = {"hidden_size": x.shape[-1], "intermediate_size": down_proj.shape[-1], "itemsize": dtype.itemsize}
     name = resolve_backend("moe_experts", backend, x.device, dtype, features=features)
     return get_backend("moe_experts", name)(x, gate_up_proj, down_proj, counts)

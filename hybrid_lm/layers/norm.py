@@ -1,6 +1,8 @@
 """Normalisation layers: RMSNorm (Zhang & Sennrich 2019) and the gated RMSNorm of Gated DeltaNet / Qwen3-Next.
 
-Both normalise in fp32 and return the input dtype. Shapes: `[..., D]`.
+Both normalise in fp32 and return the input dtype, or `dtype` where given (the blocks pass `matmul_dtype(x)`: under
+autocast the normalised activations are cast once to the autocast dtype here, not once by each projection that
+reads them). Shapes: `[..., D]`.
 """
 
 from __future__ import annotations
@@ -10,16 +12,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matrix products on `x` run in: autocast's on x's device type where it is on (fp64 excepted, which
+    autocast leaves alone), else x's own."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         # x * rsqrt(mean(x^2) + eps) * weight in fp32 (bit-identical to the formula on CPU); on CUDA F.rms_norm can
         # take torch's fused kernel where the formula is ~6 elementwise kernels forward and more backward
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(dtype or x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

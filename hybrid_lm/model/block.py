@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import ModelConfig
-from ..layers import MoE, RMSNorm, SwiGLU
+from ..layers import MoE, RMSNorm, SwiGLU, matmul_dtype
 from ..registry import get_mixer
 
 
@@ -27,5 +27,8 @@ class Block(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x, seq, cache=None):
-        x = x + self.mixer(self.input_layernorm(x), seq, cache)
-        return x + self.mlp(self.post_attention_layernorm(x), seq)
+        # the residual stream keeps its dtype (fp32 under autocast); what the mixer and the feed-forward read is cast
+        # once to the dtype their projections compute in (under autocast each of the ~6 projections on one fp32
+        # input would cast it again in the forward, and add their input gradients in fp32 in the backward)
+        x = x + self.mixer(self.input_layernorm(x, matmul_dtype(x)), seq, cache)
+        return x + self.mlp(self.post_attention_layernorm(x, matmul_dtype(x)), seq)

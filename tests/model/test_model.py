@@ -204,3 +204,37 @@ def test_dsa_trains_under_cpu_bf16_autocast(stage):
     assert 0.0 <= float(out.metrics["dsa/layer0/recall"]) <= 1.0 + 1e-6
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".indexer." in n)
+
+
+def test_blocks_cast_the_normalised_input_once_under_autocast(monkeypatch):
+    """Under autocast the residual stream stays fp32 and each block's norms hand the mixer and the feed-forward
+    autocast's dtype (one cast, not one per projection): the forward is the same as casting in every projection, and
+    the gradients are as close to fp32's as they were."""
+    import hybrid_lm.model.block as block
+
+    torch.manual_seed(0)
+    model = tiny_model(["attention", "gated_deltanet", "dsa"])
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    seen = []
+    for layer in model.layers:
+        layer.mixer.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        layer.register_forward_hook(lambda mod, args, out: seen.append(("residual", out.dtype)))
+
+    def step(autocast=True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids)
+        out.loss.backward()
+        return out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = step()
+    assert seen[:2] == [torch.bfloat16, ("residual", torch.float32)] and len(set(map(str, seen))) == 2
+    _, reference = step(autocast=False)
+    monkeypatch.setattr(block, "matmul_dtype", lambda x: x.dtype)  # each projection casts its fp32 input
+    old_loss, old_grads = step()
+    assert torch.equal(loss, old_loss)
+    err = lambda g: float((g - reference).norm() / reference.norm())  # noqa: E731
+    assert err(grads) < 1.1 * err(old_grads) + 1e-4
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves fp64 alone
+        assert [hybrid_lm.layers.matmul_dtype(torch.zeros(1, dtype=d)) for d in (torch.float64, torch.float32)] == [
+            torch.float64, torch.bfloat16]
