@@ -6,7 +6,9 @@ in ConvertTritonGPUToLLVM, and a head-dim split produced a 28-key block (tl.aran
 at compile time, which needs no GPU: triton builds the PTX and cubin for a named target.
 
 How: `JITFunction.run` is replaced by a recorder that, instead of launching, binds the launch's arguments, turns
-tensors into pointer types (bf16 where the GPU path uses bf16) and scalars into i32 / i64 / fp32, and compiles
+tensors into pointer types (bf16 where the GPU path uses bf16) and scalars into i32 / i64 / fp32, specialises them
+as the JIT does on a GPU (alignment and divisibility by 16, which decide vector widths; integers equal to 1 become
+constants; without this the PTX differs from the GPU's: scalar atomics where the GPU gets .v4), and compiles
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the launch's num_warps / num_stages.
 The op wrappers run on CPU tensors as on a GPU, so each kernel is compiled with the shapes, constexprs and configs
 a real call would use. Outputs are never written (buffers keep whatever torch.empty gave), so nothing is checked
@@ -22,9 +24,9 @@ import sys
 
 import torch
 import triton
-from triton.backends.compiler import GPUTarget
+from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
-from triton.runtime.jit import JITFunction
+from triton.runtime.jit import JITFunction, native_specialize_impl
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100
 
@@ -71,21 +73,31 @@ def _compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
     bound = {p.name: v for p, v in zip(self.params, args)}
     bound.update(kwargs)
-    signature, constexprs = {}, {}
-    for p in self.params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(self.params):
         if p.name not in bound:
             if p.default is inspect.Parameter.empty:
                 raise TypeError(f"{self.fn.__name__}: no value for {p.name}")
             bound[p.name] = p.default
+        value = bound[p.name]
         if p.is_constexpr:
-            signature[p.name], constexprs[p.name] = "constexpr", bound[p.name]
+            signature[p.name], constexprs[p.name] = "constexpr", value
+            continue
+        # the launch's specialisation, as the JIT makes it: 16-byte-aligned pointers and integers divisible by 16
+        # are marked so (the compiler then vectorises loads, stores and atomics), an integer 1 becomes a constant
+        kind, desc = native_specialize_impl(BaseBackend, value, p.is_const, not p.do_not_specialize,
+                                            not p.do_not_specialize_on_alignment)
+        if kind == "constexpr":
+            signature[p.name], constexprs[p.name] = "constexpr", value
         else:
-            signature[p.name] = _type_of(bound[p.name])
+            signature[p.name] = _type_of(value)
+            if desc and BaseBackend.parse_attr(desc):
+                attrs[(i,)] = BaseBackend.parse_attr(desc)
     key = (self.fn.__module__, self.fn.__name__, tuple(signature.items()), tuple(map(repr, constexprs.items())),
-           tuple(sorted(options.items())))
+           tuple(sorted(attrs)), tuple(sorted(options.items())))
     if key not in COMPILED:
-        kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs), target=TARGET,
-                                options=options)
+        kernel = triton.compile(ASTSource(fn=self, signature=signature, constexprs=constexprs, attrs=attrs),
+                                target=TARGET, options=options)
         COMPILED[key] = kernel
         shown = {k: v for k, v in constexprs.items() if k.isupper() and not isinstance(v, str) or k == "PRECISION"}
         usage = ptxas_usage(kernel.asm["ptx"]) if os.environ.get("PTXAS_USAGE") else ""

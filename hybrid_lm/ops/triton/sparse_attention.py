@@ -214,12 +214,12 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
 
 
 # (BLOCK_K, num_warps, num_stages) at 16 heads x 128. Sweeps on an H100 (BENCHMARKS.md): the forward's configs are
-# within 5% of each other; the backward's (32, 4, 1) (ptxas: 255 registers, 24 bytes of spill stores) took
-# 58.7 ms at T = 65,536 with one KV head against 64.5 ms for (16, 4, 1) and 68.2 for (32, 8, 2), and 228 against
-# 255 and 237 ms with 4 KV heads (run 12, 2026-12-06). Splitting the backward into two sweeps (dv, then dq + dk) so
-# each fp32 atomic target fits in L2 gained nothing measurable, and scattering dk / dv as 8-byte vector reductions
-# (`red.global.add.v2.f32` through inline PTX; triton 3.6 emits one scalar `atom` per element) was 9x slower
-# (run 12), so the backward scatters with tl.atomic_add.
+# within 5% of each other; the backward's (32, 4, 1) took 58.7 ms at T = 65,536 with one KV head against 64.5 ms
+# for (16, 4, 1) and 68.2 for (32, 8, 2), and 228 against 255 and 237 ms with 4 KV heads (run 12, 2026-12-06).
+# Compiled as the JIT specialises it (16-byte-aligned strides), tl.atomic_add scatters dk / dv as 16-byte
+# `atom.global.add.v4.f32` (156 registers, no spills at 16 x 128 with triton 3.6). Splitting the backward into two
+# sweeps (dv, then dq + dk) so each fp32 atomic target fits in L2 gained nothing measurable, and 8-byte
+# `red.global.add.v2.f32` pairs through inline PTX were 9x slower (run 12), so the backward keeps tl.atomic_add.
 FWD_CONFIG = (64, 8, 2)
 BWD_CONFIG = (32, 4, 1)
 
