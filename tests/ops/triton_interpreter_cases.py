@@ -132,6 +132,8 @@ def case_sparse():
         cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32)
         qi, ki, wi = index_inputs(T, HI=2, DI=16)
         idx = ops.lightning_indexer_topk(qi, ki, wi, K, cu_seqlens=cu_t, backend="reference")
+        if cu is not None:  # slots in any order, -1 among them: the key loops stop after the last valid slot
+            idx = idx.gather(-1, torch.rand(idx.shape).argsort(-1))
         scale = D ** -0.5
         o, lse = sparse_attention_triton(q, k, v, idx, scale=scale, cu_seqlens=cu_t, return_lse=True)
         do, dlse = torch.randn_like(o), torch.randn_like(lse)
@@ -187,6 +189,8 @@ def case_kl():
             if name == "indexer_kl_sparse":
                 idx = ops.lightning_indexer_topk(*[x.detach() for x in leaves], 24, cu_seqlens=cu_t,
                                                  backend="reference")
+                if cu is not None:  # shuffled slots, -1 among them
+                    idx = idx.gather(-1, torch.rand(idx.shape).argsort(-1))
                 lse = ops.sparse_attention(q, k, k, idx, scale=D ** -0.5, cu_seqlens=cu_t, return_lse=True,
                                            backend="reference")[1]  # the sparse stage reads p from it
                 extra = {"indices": idx, "attn_lse": lse}

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sparse_attention import _doc_starts
+from .sparse_attention import _doc_starts, _index_extent
 
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
@@ -111,7 +111,7 @@ def _kl_sparse_kernel(
         z_v = tl.zeros([BLOCK_K], tl.float32)
         p_logp = tl.zeros([BLOCK_K], tl.float32)
         p_logit = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, NK, BLOCK_K):
+        for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
             pos, valid = _sparse_keys(idx_ptr, k0, NK, doc_start, t, BLOCK_K)
             p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
                                G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
@@ -143,7 +143,7 @@ def _kl_sparse_kernel(
         dqi = tl.zeros([BLOCK_HI, BLOCK_DI], tl.float32)
         dw = tl.zeros([BLOCK_HI], tl.float32)
         dki_ptr = DKI + b * T * DI
-        for k0 in range(0, NK, BLOCK_K):
+        for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
             pos, valid = _sparse_keys(idx_ptr, k0, NK, doc_start, t, BLOCK_K)
             p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
                                G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)

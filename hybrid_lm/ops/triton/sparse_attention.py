@@ -33,6 +33,19 @@ def _gather_rows(idx_ptr, k0, K, doc_start, Tk, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _index_extent(idx_ptr, NK, SCAN: tl.constexpr = 1024):
+    """One past the last non-empty (>= 0) slot of a token's index row [NK]: the key loops stop there. Rows that see
+    fewer keys than there are slots (the first topk tokens, the start of each document) are -1 padded at the end,
+    and their padding then costs no gathers, products or atomics; any slot order stays correct."""
+    extent = tl.full([], 0, tl.int32)
+    for k0 in range(0, NK, SCAN):
+        offs = k0 + tl.arange(0, SCAN)
+        idx = tl.load(idx_ptr + offs, mask=offs < NK, other=-1)
+        extent = tl.maximum(extent, tl.max(tl.where(idx >= 0, offs + 1, 0), 0))
+    return extent
+
+
+@triton.jit
 def _sparse_fwd_kernel(
     Q, K_, V, IDX, DOC, O, LSE,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, si_b, si_t, so_b, so_t, so_h, sl_b, sl_t,
@@ -61,7 +74,7 @@ def _sparse_fwd_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    for k0 in range(0, NK, BLOCK_K):
+    for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
         pos, valid = _gather_rows(idx_ptr, k0, NK, doc_start, Tk, BLOCK_K)
         k_rows = k_base + pos.to(tl.int64)[:, None] * sk_t
         kt = tl.load(k_rows + dq[None, :], mask=valid[:, None] & (dq[None, :] < D), other=0.0)  # [BLOCK_K, BLOCK_D]
@@ -130,7 +143,7 @@ def _sparse_bwd_kernel(
     dv_base = DV_ + b * sdv_b + hk * sdv_h
     idx_ptr = IDX + b * si_b + t * si_t
     dq = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    for k0 in range(0, NK, BLOCK_K):
+    for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
         pos, valid = _gather_rows(idx_ptr, k0, NK, doc_start, Tk, BLOCK_K)
         rows = pos.to(tl.int64)[:, None]
         kmask = valid[:, None] & (dq_r[None, :] < D)
