@@ -40,7 +40,10 @@ WHY = {
                                  "gather/scatter 4x the key/value bytes of MQA; with one KV head (MQA) the six DSA "
                                  "layers still spend ~240 ms of a 636 ms step in the sparse backward's and the "
                                  "indexer KL's fp32 atomic scatters, the sparse forward and the candidate pass, "
-                                 "more than dense-350m spends in flash-attn-4 for 6 of its 24 layers",
+                                 "more than dense-350m spends in flash-attn-4 for 6 of its 24 layers. Bound: "
+                                 "flash-attn-4 is ~55% of dense-350m's 32k step (run 13 profile), so 2x leaves "
+                                 "~35 ms for all 24 token mixers of the hybrid; fla's two main Gated DeltaNet "
+                                 "kernels alone took 41 ms for its 18 GDN layers (run 15)",
     "mfu_4k": "eager mode (norms, rotary, gates, the indexer's projections as separate kernels), GEMMs of width "
               "768-1024, and at 4k DSA's indexer + sparse attention cost more than the dense attention they replace",
 }
