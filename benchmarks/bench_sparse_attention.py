@@ -5,9 +5,12 @@ causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, top
 (BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
 `--index-order`: the same index sets in position order and shuffled (top-k returns them by score).
 `--mla`: MLA's absorbed latent shapes, split head dims + values gathered from the keys' rows against the padded kernel.
+`--head-dim 64 --hkv 1`: other shapes (the 350M hybrid's DSA layers: 16 heads x 64, one KV head); the backward then
+also sweeps 64-key blocks, which narrow heads leave room for.
 Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forward).
 
     python benchmarks/bench_sparse_attention.py [--T 16384 65536]
+    python benchmarks/bench_sparse_attention.py --T 32768 --head-dim 64 --hkv 1
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from hybrid_lm.ops.triton import sparse_attention as sa
 HQ, D, TOPK = 16, 128, 2048
 FWD_CONFIGS = [(32, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3)]
 BWD_CONFIGS = [(32, 8, 2), (32, 8, 1), (32, 4, 1), (16, 4, 1)]
+NARROW_BWD_CONFIGS = [(64, 4, 1), (64, 8, 1), (32, 4, 2)]  # also swept at head dims <= 64
 
 
 def inputs(T, hkv, seed=0):
@@ -58,14 +62,16 @@ def run(T, hkv, rows):
     best_fwd = None
     for cfg in FWD_CONFIGS:
         ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale, config=cfg))
-        rows.append(row("sparse_attention_fwd", f"triton{cfg}", T, fwd_ms=ms, tflops=flops / ms / 1e9, hkv=hkv))
+        rows.append(row("sparse_attention_fwd", f"triton{cfg}", T, fwd_ms=ms, tflops=flops / ms / 1e9, hkv=hkv,
+                        head_dim=D))
         best_fwd = ms if best_fwd is None else min(best_fwd, ms)
     o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
     do = torch.randn_like(o)
-    for cfg in BWD_CONFIGS:
+    for cfg in BWD_CONFIGS + (NARROW_BWD_CONFIGS if D <= 64 else []):
         ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale, config=cfg))
         rows.append(row("sparse_attention_bwd", f"triton{cfg}", T, fwdbwd_ms=best_fwd + ms,
-                        tflops=3.5 * flops / (best_fwd + ms) / 1e9, hkv=hkv, bwd_ms=ms))
+                        tflops=3.5 * flops / (best_fwd + ms) / 1e9, hkv=hkv, bwd_ms=ms,
+                        head_dim=D))
     torch.cuda.empty_cache()
 
 
@@ -128,13 +134,17 @@ def mla(T, rows):
 
 
 def main():
+    global D
     ap = argparse.ArgumentParser()
     ap.add_argument("--T", type=int, nargs="+", default=[16384, 65536])
     ap.add_argument("--index-order", action="store_true",
                     help="only compare position-ordered with shuffled index rows (and the cost of sorting them)")
     ap.add_argument("--mla", action="store_true", help="only MLA's latent shapes: split head dims + shared values "
                                                         "against padded + separate (forward TFLOPS: 2 T topk H (D + DV))")
+    ap.add_argument("--head-dim", type=int, default=D, help=f"query/key/value head dim (default {D})")
+    ap.add_argument("--hkv", type=int, nargs="+", default=[1, 4], help="KV heads of the rows (default 1 4)")
     args = ap.parse_args()
+    D = args.head_dim
     rows = []
     if args.mla:
         for T in args.T:
@@ -151,10 +161,11 @@ def main():
     guarded(rows, "sparse_attention_check", lambda: check(rows))
     for T in args.T:
         guarded(rows, "dense_attention_fwd", lambda: dense_baseline(T, rows))
-        for hkv in (1, 4):
+        for hkv in args.hkv:
             guarded(rows, "sparse_attention", lambda: run(T, hkv, rows))
-    save(rows, "sparse_attention")
-    print_table([r for r in rows if r["op"] != "sparse_attention_check"], cols=("op", "impl", "T", "hkv", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
+    save(rows, "sparse_attention" if D == 128 else f"sparse_attention-d{D}")
+    print_table([r for r in rows if r["op"] != "sparse_attention_check"],
+                cols=("op", "impl", "T", "hkv", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
 
 
 if __name__ == "__main__":

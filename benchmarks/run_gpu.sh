@@ -32,6 +32,10 @@ if want next; then  # what runs 14-17 left (BENCHMARKS.md): the norms' single ca
   for f in model-next model-next-old model-next-compiled; do
     grep -v "^{" "$OUT/$f.log" | grep -v TileLang | grep " | " | tail -4 | cut -c1-200
   done
+  # the 350M hybrid's DSA shape (16 heads x 64, one KV head): backward configs incl. 64-key blocks
+  (cd benchmarks && timeout 90 python3 bench_sparse_attention.py --T 32768 --head-dim 64 --hkv 1 \
+    > "$OUT/sparse-d64.log" 2>&1)
+  tail -9 "$OUT/sparse-d64.log" | cut -c1-150
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
   for m in ${FLA_MIXERS:-fla_gated_deltanet fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gla fla_kda \
