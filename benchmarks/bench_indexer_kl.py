@@ -4,7 +4,8 @@ DSA's two training stages (arXiv 2512.02556): the dense warm-up's KL over every 
 KL over the top-k selected keys (p from the sparse attention's saved log-sum-exp). Batch 1, 16 heads x 128 with
 1 KV head (V3.2's MQA), 4 index heads x 64, topk 2048, bf16 inputs. The reference (hybrid_lm/ops/dsa_loss.py,
 blockwise PyTorch) runs only where it fits in the time budget. The dense cuDNN attention forward + backward of
-the same shape is the in-run yardstick.
+the same shape is the in-run yardstick. The sparse stage's Triton kernel is timed both ways: two sweeps (loss in the
+forward, gradients in the backward) and one sweep (gradients computed in the forward; indexer_kl.SPARSE_ONE_SWEEP).
 FLOPs (forward): dense warm-up 2 T^2 (H D + HI DI) (causal half of q.k for every head plus the index scores; the
 lse sweep adds 2 T^2 H D / 2 more, not counted); sparse 2 T topk (H D + HI DI). Backward counted as 2x forward.
 
@@ -21,6 +22,7 @@ from common import bench_ms, guarded, peak_mem_gb, print_table, row, save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hybrid_lm import ops
+from hybrid_lm.ops.triton import indexer_kl as kl_kernels
 
 H, HKV, D, HI, DI, TOPK = 16, 1, 128, 4, 64, 2048
 
@@ -59,6 +61,14 @@ def sparse_kl(T, rows, backends):
     for b in backends:
         measure(rows, "indexer_kl_sparse", b, T,
                 lambda: ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, idx, attn_lse=lse, backend=b), flops)
+    if "triton" in backends:  # the other way with gradients (indexer_kl.SPARSE_ONE_SWEEP) in the same run
+        default = kl_kernels.SPARSE_ONE_SWEEP
+        kl_kernels.SPARSE_ONE_SWEEP = not default
+        try:
+            measure(rows, "indexer_kl_sparse", "triton-one-sweep" if not default else "triton-two-sweeps", T,
+                    lambda: ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, idx, attn_lse=lse, backend="triton"), flops)
+        finally:
+            kl_kernels.SPARSE_ONE_SWEEP = default
 
 
 def dense_attention(T, rows):

@@ -13,8 +13,8 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=next: what runs 14-17 left (BENCHMARKS.md); ONLY=fla: the fla mixer tests, one mixer at a time. The one-off
-# parts of runs 11 (ONLY=pending) and 13 (ONLY=final) are in git history (commit 2cfb793).
+# ONLY=next, then ONLY=next2: what runs 14-17 left (BENCHMARKS.md), one device call each; ONLY=fla: the fla mixer
+# tests, one mixer at a time. The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want tests; then
@@ -32,10 +32,17 @@ if want next; then  # what runs 14-17 left (BENCHMARKS.md): the norms' single ca
   for f in model-next model-next-old model-next-compiled; do
     grep -v "^{" "$OUT/$f.log" | grep -v TileLang | grep " | " | tail -4 | cut -c1-200
   done
+fi
+if want next2; then  # kernels after runs 14-17: the 350M DSA shape, the KL in one sweep, the layer since the tie bound
   # the 350M hybrid's DSA shape (16 heads x 64, one KV head): backward configs incl. 64-key blocks
   (cd benchmarks && timeout 90 python3 bench_sparse_attention.py --T 32768 --head-dim 64 --hkv 1 \
     > "$OUT/sparse-d64.log" 2>&1)
   tail -9 "$OUT/sparse-d64.log" | cut -c1-150
+  (cd benchmarks && timeout 120 python3 bench_indexer_kl.py --T 16384 65536 --ref-max-T 0 > "$OUT/kl.log" 2>&1)
+  grep -v "^{" "$OUT/kl.log" | tail -9 | cut -c1-150
+  (cd benchmarks && timeout 240 python3 bench_layer.py --T 16384 65536 --hkv 1 --name layer-next \
+    > "$OUT/layer-next.log" 2>&1)
+  grep -v "^{" "$OUT/layer-next.log" | tail -14 | cut -c1-150
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
   for m in ${FLA_MIXERS:-fla_gated_deltanet fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gla fla_kda \

@@ -68,9 +68,13 @@ def test_dense_warmup_kl_matches_reference(case, dtype):
     check_against_reference(run, dtype)
 
 
+@pytest.mark.parametrize("one_sweep", [False, True], ids=["two-sweeps", "one-sweep"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
-def test_sparse_kl_matches_reference(case, dtype):
+def test_sparse_kl_matches_reference(case, dtype, one_sweep, monkeypatch):
+    from hybrid_lm.ops.triton import indexer_kl
+
+    monkeypatch.setattr(indexer_kl, "SPARSE_ONE_SWEEP", one_sweep)
     B, T, HQ, HKV, D, HI, DI, topk, cu = case
     q, k, q_idx, k_idx, w = inputs(B, T, HQ, HKV, D, HI, DI, dtype, seed=T + 1)
     cu = None if cu is None else torch.tensor(cu, device="cuda", dtype=torch.int32)
@@ -89,8 +93,12 @@ def test_sparse_kl_matches_reference(case, dtype):
     check_against_reference(run, dtype)
 
 
-def test_long_sequence_bf16():
+@pytest.mark.parametrize("one_sweep", [False, True], ids=["two-sweeps", "one-sweep"])
+def test_long_sequence_bf16(one_sweep, monkeypatch):
     """T = 4,096, topk 2,048, MQA 16 x 128 with 4 index heads x 64: both stages against the reference."""
+    from hybrid_lm.ops.triton import indexer_kl
+
+    monkeypatch.setattr(indexer_kl, "SPARSE_ONE_SWEEP", one_sweep)
     B, T, HQ, HKV, D, HI, DI, topk = 1, 4096, 16, 1, 128, 4, 64, 2048
     q, k, q_idx, k_idx, w = inputs(B, T, HQ, HKV, D, HI, DI, torch.bfloat16, seed=7)
     indices = ops.lightning_indexer_topk(q_idx, k_idx, w, topk)

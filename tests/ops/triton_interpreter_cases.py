@@ -179,6 +179,8 @@ def check_split_head_dim_and_shared_values():
 
 
 def case_kl():
+    from hybrid_lm.ops.triton import indexer_kl as kl_kernels
+
     for name in ("indexer_kl_dense", "indexer_kl_sparse"):
         for cu in (None, [0, 40, 96]):
             T, HQ, HKV, D = 96, 4, 1, 32
@@ -194,16 +196,27 @@ def case_kl():
                 lse = ops.sparse_attention(q, k, k, idx, scale=D ** -0.5, cu_seqlens=cu_t, return_lse=True,
                                            backend="reference")[1]  # the sparse stage reads p from it
                 extra = {"indices": idx, "attn_lse": lse}
-            results = []
-            for backend in ("triton", "reference"):
-                fn = get_backend(name, backend)
-                loss = fn(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t, block=32)
-                results.append((loss, torch.autograd.grad(loss, leaves)))
-            (loss, grads), (loss_r, grads_r) = results
-            errs = [rel_err(loss, loss_r)] + [rel_err(g, gr) for g, gr in zip(grads, grads_r)]
-            print(f"{name} cu={cu}: loss {loss.item():.5f} vs {loss_r.item():.5f}; rel. errors loss, "
-                  "d q_idx, d k_idx, d weights " + " ".join(f"{e:.1e}" for e in errs))
-            assert max(errs) < 1e-4
+            ref = get_backend(name, "reference")
+            loss_r = ref(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t, block=32)
+            grads_r = torch.autograd.grad(loss_r, leaves)
+            # the sparse stage in two sweeps (loss, then gradients) and in one (gradients in the forward)
+            for one_sweep in (False, True) if name == "indexer_kl_sparse" else (False,):
+                kl_kernels.SPARSE_ONE_SWEEP = one_sweep
+                try:
+                    loss = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t,
+                                                       block=32)
+                    grads = torch.autograd.grad(3.0 * loss, leaves)  # a scaled upstream gradient
+                    with torch.no_grad():  # no gradients wanted: the loss alone
+                        loss_ng = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
+                                                              cu_seqlens=cu_t, block=32)
+                finally:
+                    kl_kernels.SPARSE_ONE_SWEEP = False
+                errs = [rel_err(loss, loss_r), rel_err(loss_ng, loss_r)] + [
+                    rel_err(g, 3.0 * gr) for g, gr in zip(grads, grads_r)]
+                print(f"{name} cu={cu}{' one sweep' if one_sweep else ''}: loss {loss.item():.5f} vs "
+                      f"{loss_r.item():.5f}; rel. errors loss, loss without grad, d q_idx, d k_idx, d weights "
+                      + " ".join(f"{e:.1e}" for e in errs))
+                assert max(errs) < 1e-4
 
 
 def case_rotary():

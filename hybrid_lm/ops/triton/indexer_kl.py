@@ -78,6 +78,15 @@ def _sparse_logits(qi, ki_ptr, w, pos, valid, ski_t, DI: tl.constexpr, BLOCK_DI:
     return tl.where(valid, logits, float("-inf")), a, ki
 
 
+# passes of the sparse kernel: LOSS and GRADS are the two sweeps of the forward and the backward; LOGITS (the indexer
+# logits' log-sum-exp only) then ONE_SWEEP (loss and unscaled gradients together) replace them when gradients are
+# wanted and SPARSE_ONE_SWEEP is on
+LOSS: tl.constexpr = tl.constexpr(0)
+GRADS: tl.constexpr = tl.constexpr(1)
+LOGITS: tl.constexpr = tl.constexpr(2)
+ONE_SWEEP: tl.constexpr = tl.constexpr(3)
+
+
 @triton.jit
 def _kl_sparse_kernel(
     Q, K_, LSE, QI, KI, W, IDX, DOC, KL, LSEI, Z, DQI, DKI, DW, GRAD,
@@ -85,8 +94,12 @@ def _kl_sparse_kernel(
     T, NK, HKV, HI, qk_scale,
     G: tl.constexpr, BLOCK_H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HI: tl.constexpr,
     DI: tl.constexpr, BLOCK_DI: tl.constexpr, BLOCK_K: tl.constexpr, HAS_DOC: tl.constexpr,
-    BACKWARD: tl.constexpr, PREC: tl.constexpr,
+    PASS: tl.constexpr, PREC: tl.constexpr,
 ):
+    """PASS LOSS: KL, LSEI (the indexer logits' log-sum-exp) and Z (the target's mass) per token. GRADS: dq_idx, dw
+    and the dk_idx scatter, scaled by GRAD, from LSEI and Z. LOGITS: LSEI, and Z as the number of query heads
+    (attn_lse is the attention's log-sum-exp over the same selected keys: each head's probabilities sum to 1),
+    without the attention target. ONE_SWEEP: after LOGITS, KL and the unscaled gradients in one sweep."""
     t = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1).to(tl.int64)
     row = b * T + t  # index into the [B, T] per-token buffers
@@ -104,7 +117,7 @@ def _kl_sparse_kernel(
     qi_mask = jmask[:, None] & (di[None, :] < DI)
     qi = tl.load(QI + b * sqi_b + t * sqi_t + j[:, None] * sqi_h + di[None, :], mask=qi_mask, other=0.0)
     w = tl.load(W + b * sw_b + t * sw_t + j, mask=jmask, other=0.0).to(tl.float32)
-    if not BACKWARD:
+    if PASS == LOSS or PASS == LOGITS:
         # lane-wise accumulators over the key blocks, reduced once at the end
         m_v = tl.full([BLOCK_K], float("-inf"), tl.float32)
         l_v = tl.zeros([BLOCK_K], tl.float32)
@@ -113,41 +126,55 @@ def _kl_sparse_kernel(
         p_logit = tl.zeros([BLOCK_K], tl.float32)
         for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
             pos, valid = _sparse_keys(idx_ptr, k0, NK, doc_start, t, BLOCK_K)
-            p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
-                               G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
             logits, _, _ = _sparse_logits(qi, ki_ptr, w, pos, valid, ski_t, DI, BLOCK_DI, PREC)
             m_new = tl.maximum(m_v, logits)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_v = l_v * tl.exp(m_v - m_safe) + tl.exp(logits - m_safe)
             m_v = m_new
-            z_v += p
-            p_logp += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
-            p_logit += tl.where(valid, p * logits, 0.0)
+            if PASS == LOSS:
+                p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
+                                   G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
+                z_v += p
+                p_logp += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+                p_logit += tl.where(valid, p * logits, 0.0)
+            else:
+                z_v += valid.to(tl.float32)  # keys seen; Z follows from them below
         m_i = tl.max(m_v, 0)
         m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
         l_i = tl.sum(tl.where(m_v == float("-inf"), 0.0, l_v * tl.exp(m_v - m_safe)), 0)
         z = tl.sum(z_v, 0)
+        if PASS == LOGITS:
+            z = tl.where(z > 0, G * HKV * 1.0, 0.0)
         has = z > 0
         z_safe = tl.where(has, z, 1.0)
         lse_i = m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0))
-        # KL = sum (p/Z) log(p/Z) - sum (p/Z) I + logsumexp(I); a row without keys contributes 0
-        kl = tl.where(has, tl.sum(p_logp, 0) / z_safe - tl.log(z_safe) - tl.sum(p_logit, 0) / z_safe + lse_i, 0.0)
-        tl.store(KL + row, kl)
+        if PASS == LOSS:
+            # KL = sum (p/Z) log(p/Z) - sum (p/Z) I + logsumexp(I); a row without keys contributes 0
+            kl = tl.where(has, tl.sum(p_logp, 0) / z_safe - tl.log(z_safe) - tl.sum(p_logit, 0) / z_safe + lse_i,
+                          0.0)
+            tl.store(KL + row, kl)
         tl.store(LSEI + row, tl.where(has, lse_i, 0.0))
         tl.store(Z + row, z)
     else:
         z = tl.load(Z + row)
         lse_i = tl.load(LSEI + row)
-        gscale = tl.load(GRAD)
+        gscale = 1.0
+        if PASS == GRADS:
+            gscale = tl.load(GRAD)
         inv_z = tl.where(z > 0, 1.0 / tl.where(z > 0, z, 1.0), 0.0)
         dqi = tl.zeros([BLOCK_HI, BLOCK_DI], tl.float32)
         dw = tl.zeros([BLOCK_HI], tl.float32)
+        p_logp = tl.zeros([BLOCK_K], tl.float32)
+        p_logit = tl.zeros([BLOCK_K], tl.float32)
         dki_ptr = DKI + b * T * DI
         for k0 in range(0, _index_extent(idx_ptr, NK), BLOCK_K):
             pos, valid = _sparse_keys(idx_ptr, k0, NK, doc_start, t, BLOCK_K)
             p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
                                G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
             logits, a, ki = _sparse_logits(qi, ki_ptr, w, pos, valid, ski_t, DI, BLOCK_DI, PREC)
+            if PASS == ONE_SWEEP:
+                p_logp += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+                p_logit += tl.where(valid, p * logits, 0.0)
             d_logit = tl.where(valid, (tl.exp(logits - lse_i) - p * inv_z) * gscale, 0.0)  # [BLOCK_K]
             dw += tl.sum(d_logit[None, :] * tl.maximum(a, 0.0), 1)
             da = tl.where(a > 0, d_logit[None, :] * w[:, None], 0.0)  # [BLOCK_HI, BLOCK_K]
@@ -157,6 +184,12 @@ def _kl_sparse_kernel(
                           mask=valid[:, None] & (di[None, :] < DI), sem="relaxed")
         tl.store(DQI + row * HI * DI + j[:, None] * DI + di[None, :], dqi, mask=qi_mask)
         tl.store(DW + row * HI + j, dw, mask=jmask)
+        if PASS == ONE_SWEEP:
+            has = z > 0
+            z_safe = tl.where(has, z, 1.0)
+            kl = tl.where(has, tl.sum(p_logp, 0) / z_safe - tl.log(z_safe) - tl.sum(p_logit, 0) / z_safe + lse_i,
+                          0.0)
+            tl.store(KL + row, kl)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,20 +392,32 @@ def _grad_buffers(B, T, HI, DI, device):
 
 SPARSE_CONFIG = (32, 4)  # BLOCK_K, num_warps
 DENSE_CONFIG = (64, 4)  # BLOCK_N, num_warps; BLOCK_M so that BLOCK_M * BLOCK_G ~ 64 rows
+# The sparse stage's loss and gradients when gradients are wanted: True computes them in the forward, in one sweep
+# that recomputes the attention target once (after a sweep over the indexer logits alone, whose log-sum-exp the
+# gradient needs first), and the backward only scales them; False sweeps twice, recomputing the target in the
+# forward (loss) and the backward (gradients). One sweep takes the target's mass Z as the number of query heads,
+# which attn_lse's contract (the attention's log-sum-exp over the same selected keys) makes exact; two sweeps sum
+# it. Checked against the reference in the interpreter; not yet timed on a GPU.
+SPARSE_ONE_SWEEP = False
 
 
-def _sparse_launch(q, k, lse, q_idx, k_idx, w, indices, doc, scale, backward, saved=None, grad=None):
+def _sparse_launch(q, k, lse, q_idx, k_idx, w, indices, doc, scale, pass_, saved=None, grad=None):
+    """One pass of _kl_sparse_kernel: LOSS -> (kl, lse_i, z); LOGITS -> (lse_i, z); GRADS (scaled by `grad`, from
+    `saved` = (lse_i, z)) -> (dqi, dki, dw); ONE_SWEEP (unscaled, from `saved`) -> (kl, dqi, dki, dw)."""
     B, T, HQ, D = q.shape
     HKV, HI, DI, NK = k.shape[2], q_idx.shape[2], q_idx.shape[3], indices.shape[2]
     G = HQ // HKV
     block_k, num_warps = SPARSE_CONFIG
     dev = q.device
-    kl = lse_i = z = dqi = dki = dw = None
-    if backward:
+    f32 = dict(device=dev, dtype=torch.float32)
+    kl = dqi = dki = dw = None
+    if pass_ in (GRADS, ONE_SWEEP):
         lse_i, z = saved
         dqi, dki, dw = _grad_buffers(B, T, HI, DI, dev)
     else:
-        kl, lse_i, z = (torch.empty(B, T, device=dev, dtype=torch.float32) for _ in range(3))
+        lse_i, z = torch.empty(B, T, **f32), torch.empty(B, T, **f32)
+    if pass_ in (LOSS, ONE_SWEEP):
+        kl = torch.empty(B, T, **f32)
     dummy = lse
     _kl_sparse_kernel[(T, B)](
         q, k, lse, q_idx, k_idx, w, indices, doc if doc is not None else indices,
@@ -381,10 +426,10 @@ def _sparse_launch(q, k, lse, q_idx, k_idx, w, indices, doc, scale, backward, sa
         *_strides(q), *_strides(k), *_strides(lse, 2), *_strides(q_idx), *_strides(k_idx, 2), *_strides(w, 2),
         *_strides(indices, 2), T, NK, HKV, HI, scale * 1.4426950408889634,
         G=G, BLOCK_H=_pow2(G), D=D, BLOCK_D=_pow2(D), BLOCK_HI=_pow2(HI), DI=DI, BLOCK_DI=_pow2(DI),
-        BLOCK_K=block_k, HAS_DOC=doc is not None, BACKWARD=backward, PREC=_precision(q, q_idx),
+        BLOCK_K=block_k, HAS_DOC=doc is not None, PASS=pass_, PREC=_precision(q, q_idx),
         num_warps=num_warps,
     )
-    return (dqi, dki, dw) if backward else (kl, lse_i, z)
+    return {LOSS: (kl, lse_i, z), LOGITS: (lse_i, z), GRADS: (dqi, dki, dw), ONE_SWEEP: (kl, dqi, dki, dw)}[pass_]
 
 
 def _dense_blocks(G, HI):
@@ -442,20 +487,34 @@ class IndexerKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, doc, scale):
         B, T = q.shape[:2]
+        ctx.scale, ctx.grads = scale, None
         if indices is None:
             lse = dense_lse(q, k, doc, scale)
             kl, lse_i = _dense_launch(q, k, lse, q_idx, k_idx, weights, doc, scale, backward=False)
             saved = (lse_i,)
+        elif SPARSE_ONE_SWEEP and any(ctx.needs_input_grad[2:5]):
+            lse = attn_lse.float().contiguous()
+            saved = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, scale, LOGITS)
+            kl, *grads = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, scale, ONE_SWEEP,
+                                        saved=saved)
+            ctx.save_for_backward(*grads)  # the backward only scales them
+            ctx.grads, ctx.dtypes = True, (q_idx.dtype, k_idx.dtype, weights.dtype)
+            return kl.sum() / (B * T)
         else:
             lse = attn_lse.float().contiguous()
-            kl, lse_i, z = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, scale, backward=False)
+            kl, lse_i, z = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, scale, LOSS)
             saved = (lse_i, z)
         ctx.save_for_backward(q, k, lse, q_idx, k_idx, weights, indices, doc, *saved)
-        ctx.scale = scale
         return kl.sum() / (B * T)
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.grads:
+            dqi, dki, dw = ctx.saved_tensors
+            dtypes = ctx.dtypes
+            g = grad.float() / (dqi.shape[0] * dqi.shape[1])
+            return (None, None, (dqi * g).to(dtypes[0]), (dki * g).to(dtypes[1]), (dw * g).to(dtypes[2]),
+                    None, None, None, None)
         q, k, lse, q_idx, k_idx, weights, indices, doc, *saved = ctx.saved_tensors
         B, T = q.shape[:2]
         g = (grad.float() / (B * T)).reshape(1).contiguous()
@@ -463,8 +522,8 @@ class IndexerKLFunction(torch.autograd.Function):
             dqi, dki, dw = _dense_launch(q, k, lse, q_idx, k_idx, weights, doc, ctx.scale, backward=True,
                                          lse_i=saved[0], grad=g)
         else:
-            dqi, dki, dw = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, ctx.scale,
-                                          backward=True, saved=saved, grad=g)
+            dqi, dki, dw = _sparse_launch(q, k, lse, q_idx, k_idx, weights, indices, doc, ctx.scale, GRADS,
+                                          saved=saved, grad=g)
         return (None, None, dqi.to(q_idx.dtype), dki.to(k_idx.dtype), dw.to(weights.dtype),
                 None, None, None, None)
 
