@@ -14,7 +14,9 @@ scattered with fp32 atomic adds (a key is seen by many queries).
 
 - Sparse stage (``indexer_kl_sparse``): one program per query token. ``p`` comes from the sparse attention's saved
   log-sum-exp: ``p_s = sum_h exp(scale q_h.k_s - lse_h) / Z`` over the selected keys, all query heads of every KV
-  head, so each gathered key row serves all heads that share it.
+  head, so each gathered key row serves all heads that share it. With ``SPARSE_ONE_SWEEP`` (opt-in) a forward that
+  needs gradients sweeps the indexer logits alone for their log-sum-exp, then computes loss and gradients in one
+  sweep; the backward only scales them.
 - Dense warm-up (``indexer_kl_dense``): one program per block of ``BLOCK_M`` queries, a flash-attention-like sweep
   over the causal keys (within the query's document with packed sequences). The per-head log-sum-exp comes from a
   first sweep (``_dense_lse_kernel``, the scores only, no values); ``p_s = sum_h exp(scale q_h.k_s - lse_h) / HQ``.
