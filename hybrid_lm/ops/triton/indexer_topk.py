@@ -532,11 +532,17 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
     if B * Tq == 0:
         return out
     lo, hi = _visible_range(Tq, Tk, cu_seqlens, q.device)
+    # the leading rows that see at most topk keys select all of them, in position order, and need no scores (without
+    # documents: the first topk - (Tk - Tq) query rows)
+    start = 0 if cu_seqlens is not None else max(0, min(Tq, topk - (Tk - Tq)))
+    if start:
+        keys = torch.arange(topk, device=q.device)
+        out[:, :start] = torch.where(keys[None, :] < hi[:start, None], keys[None, :], -1)
     budget = SCORE_BUDGET if score_budget is None else score_budget
     if select == "threshold":
         chunk = max(1, min(Tq, budget // max(1, 2 * B * threshold_plan(topk)[2])))
         bufs = threshold_buffers(B * chunk, Tk, topk, q.device)
-        for t0 in range(0, Tq, chunk):
+        for t0 in range(start, Tq, chunk):
             t1 = min(Tq, t0 + chunk)
             missed = threshold_topk_chunk(q, k, w, lo, hi, t0, t1, out, topk, bufs)
             if missed.numel():
@@ -545,7 +551,7 @@ def indexer_topk_triton(q_idx, k_idx, weights, topk, *, cu_seqlens=None, score_b
         return out
     chunk = max(1, min(Tq, budget // max(1, B * Tk)))
     buf = torch.empty(B * chunk * Tk, device=q.device, dtype=torch.float32)
-    for t0 in range(0, Tq, chunk):
+    for t0 in range(start, Tq, chunk):
         t1 = min(Tq, t0 + chunk)
         # a contiguous [B, rows, causal width] block: torch.topk on a strided slice would copy it first
         scores = buf[: B * (t1 - t0) * (Tk - Tq + t1)].view(B, t1 - t0, Tk - Tq + t1)
