@@ -7,18 +7,21 @@ reads them). Shapes: `[..., D]`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-def matmul_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matrix products on `x` run in: autocast's on x's device type where it is on (fp64 excepted, which
-    autocast leaves alone), else x's own."""
-    kind = x.device.type
-    if torch.is_autocast_enabled(kind) and x.dtype != torch.float64:
+def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a matrix product of `tensors` runs in, as `nn.Linear` would: autocast's on their device type where
+    it is on and none of them is fp64 (autocast leaves fp64 alone), else their promoted dtype."""
+    kind = tensors[0].device.type
+    dtypes = [t.dtype for t in tensors]
+    if torch.is_autocast_enabled(kind) and torch.float64 not in dtypes:
         return torch.get_autocast_dtype(kind)
-    return x.dtype
+    return functools.reduce(torch.promote_types, dtypes)
 
 
 class RMSNorm(nn.Module):

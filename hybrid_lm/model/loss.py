@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..layers.norm import matmul_dtype
+
 __all__ = ["linear_cross_entropy", "default_chunk_size", "next_token_targets", "LinearCrossEntropy"]
 
 CHUNK_BYTES = 2**29  # fp32 logits of one chunk: ~0.5 GiB (4,194 tokens at V = 32,000)
@@ -36,14 +38,6 @@ def next_token_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = N
     if cu_seqlens is not None and cu_seqlens.numel() > 2:
         targets[0, cu_seqlens[1:-1].long() - 1] = ignore_index
     return targets
-
-
-def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
-    """The dtype `nn.Linear` would multiply in: the autocast dtype where autocast casts, else the inputs'."""
-    kind = hidden.device.type
-    if torch.is_autocast_enabled(kind) and torch.float64 not in (hidden.dtype, weight.dtype):
-        return torch.get_autocast_dtype(kind)
-    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -114,7 +108,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if chunk_size < 1:
         raise ValueError(f"linear_cross_entropy: chunk_size = {chunk_size} must be >= 1")
     grad = torch.is_grad_enabled()
-    dtype = _matmul_dtype(hidden, weight)
+    dtype = matmul_dtype(hidden, weight)  # what nn.Linear would multiply in
     with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit, as nn.Linear's autocast does
         return LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_size, dtype,
                                         grad and hidden.requires_grad, grad and weight.requires_grad)
