@@ -168,13 +168,14 @@ def case_kl():
         for name in ("sparse", "dense"):
             fn = getattr(kl, f"indexer_kl_{name}_triton")
             if name == "sparse":
+                default = kl.SPARSE_ONE_SWEEP
                 for one_sweep in (False, True):  # two sweeps (loss, then gradients) or logits + one sweep
                     kl.SPARSE_ONE_SWEEP = one_sweep
                     try:
                         loss = fn(q, k, qi, ki, wi, idx, scale=D ** -0.5, attn_lse=torch.randn(1, T, HQ))
                         torch.autograd.grad(loss, [qi, ki, wi], allow_unused=True)
                     finally:
-                        kl.SPARSE_ONE_SWEEP = False
+                        kl.SPARSE_ONE_SWEEP = default
                 continue
             else:
                 loss = fn(q, k, qi, ki, wi, scale=D ** -0.5)

@@ -200,6 +200,7 @@ def case_kl():
             loss_r = ref(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t, block=32)
             grads_r = torch.autograd.grad(loss_r, leaves)
             # the sparse stage in two sweeps (loss, then gradients) and in one (gradients in the forward)
+            default = kl_kernels.SPARSE_ONE_SWEEP
             for one_sweep in (False, True) if name == "indexer_kl_sparse" else (False,):
                 kl_kernels.SPARSE_ONE_SWEEP = one_sweep
                 try:
@@ -210,7 +211,7 @@ def case_kl():
                         loss_ng = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
                                                               cu_seqlens=cu_t, block=32)
                 finally:
-                    kl_kernels.SPARSE_ONE_SWEEP = False
+                    kl_kernels.SPARSE_ONE_SWEEP = default
                 errs = [rel_err(loss, loss_r), rel_err(loss_ng, loss_r)] + [
                     rel_err(g, 3.0 * gr) for g, gr in zip(grads, grads_r)]
                 print(f"{name} cu={cu}{' one sweep' if one_sweep else ''}: loss {loss.item():.5f} vs "
