@@ -13,39 +13,44 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# ONLY=next, then ONLY=next2: what runs 14-17 left (BENCHMARKS.md), one device call each; ONLY=fla: the fla mixer
-# tests, one mixer at a time. The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
+# What runs 14-17 left (BENCHMARKS.md), three device calls in this order: ONLY="dsatests kernels" (the DSA kernel
+# tests, then the 350M DSA shape and the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k, the 350M pair at
+# 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla" (--compile at 4k; the fla mixers).
+# The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
-if want tests; then
-  timeout ${TEST_TIMEOUT:-240} python3 -m pytest tests/gpu tests/ops/test_gpu.py tests/hf/test_gpu.py -q \
-    -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
+if want tests || want dsatests; then  # dsatests: the Triton kernels only (fla's own first-use compiles take minutes)
+  if want tests; then sel="tests/gpu tests/ops/test_gpu.py tests/hf/test_gpu.py"
+  else sel="tests/gpu/test_dsa_kernels.py tests/gpu/test_indexer_kl_kernels.py tests/gpu/test_rotary_kernel.py"; fi
+  timeout ${TEST_TIMEOUT:-240} python3 -m pytest $sel -q -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
-if want next; then  # what runs 14-17 left (BENCHMARKS.md): the norms' single cast, compile, the 16k/32k rows
-  (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
-    --out "$OUT/model-next.json" > "$OUT/model-next.log" 2>&1)
-  (cd benchmarks && timeout 150 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
-    --cast-per-projection --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
-  (cd benchmarks && timeout 150 python3 bench_model.py --configs dense-350m dense-125m --T 4096 --compile \
-    --out "$OUT/model-next-compiled.json" > "$OUT/model-next-compiled.log" 2>&1)
-  for f in model-next model-next-old model-next-compiled; do
-    grep -v "^{" "$OUT/$f.log" | grep -v TileLang | grep " | " | tail -4 | cut -c1-200
-  done
-fi
-if want next2; then  # kernels after runs 14-17: the 350M DSA shape, the KL in one sweep, the layer since the tie bound
-  # the 350M hybrid's DSA shape (16 heads x 64, one KV head): backward configs incl. 64-key blocks
+if want kernels; then  # the 350M hybrid's DSA shape (16 heads x 64, one KV head), incl. 64-key backward blocks
   (cd benchmarks && timeout 90 python3 bench_sparse_attention.py --T 32768 --head-dim 64 --hkv 1 \
     > "$OUT/sparse-d64.log" 2>&1)
   tail -9 "$OUT/sparse-d64.log" | cut -c1-150
   (cd benchmarks && timeout 120 python3 bench_indexer_kl.py --T 16384 65536 --ref-max-T 0 > "$OUT/kl.log" 2>&1)
   grep -v "^{" "$OUT/kl.log" | tail -9 | cut -c1-150
-  (cd benchmarks && timeout 240 python3 bench_layer.py --T 16384 65536 --hkv 1 --name layer-next \
+fi
+if want layer16; then  # the DSA layer since the tie bound, beside flash-attn-4
+  (cd benchmarks && timeout 200 python3 bench_layer.py --T 16384 65536 --hkv 1 --skip gdn --name layer-next \
     > "$OUT/layer-next.log" 2>&1)
-  grep -v "^{" "$OUT/layer-next.log" | tail -14 | cut -c1-150
+  grep -v "^{" "$OUT/layer-next.log" | tail -8 | cut -c1-150
+fi
+if want model32; then  # the norms' single cast: the 350M pair, then the hybrid at 32k with the old casts
+  (cd benchmarks && timeout 230 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
+    --out "$OUT/model-next.json" > "$OUT/model-next.log" 2>&1)
+  (cd benchmarks && timeout 100 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --cast-per-projection \
+    --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
+  for f in model-next model-next-old; do grep -v "^{" "$OUT/$f.log" | grep " | " | tail -5 | cut -c1-200; done
+fi
+if want compiled; then
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m dense-125m --T 4096 --compile \
+    --out "$OUT/model-next-compiled.json" > "$OUT/model-next-compiled.log" 2>&1)
+  grep -v "^{" "$OUT/model-next-compiled.log" | grep " | " | tail -4 | cut -c1-200
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
-  for m in ${FLA_MIXERS:-fla_gated_deltanet fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gla fla_kda \
+  for m in ${FLA_MIXERS:-fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet fla_gla fla_kda \
       fla_deltanet}; do
     timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
       -k "$m" > "$OUT/tests-fla-$m.log" 2>&1
