@@ -27,8 +27,8 @@ from hybrid_lm.ops.triton import sparse_attention as sa
 
 HQ, D, TOPK = 16, 128, 2048
 FWD_CONFIGS = [(32, 4, 2), (64, 8, 2), (64, 8, 3), (32, 4, 3)]
-BWD_CONFIGS = [(32, 8, 2), (32, 8, 1), (32, 4, 1), (16, 4, 1)]
-NARROW_BWD_CONFIGS = [(64, 4, 1), (64, 8, 1), (32, 4, 2)]  # also swept at head dims <= 64
+BWD_CONFIGS = [(32, 8, 2), (32, 8, 1), (32, 4, 1), (16, 4, 1), (32, 4, 2)]
+NARROW_BWD_CONFIGS = [(64, 4, 1), (64, 8, 1), (64, 4, 2)]  # also swept at head dims <= 64
 
 
 def inputs(T, hkv, seed=0):

@@ -136,8 +136,10 @@ def case_sparse():
     from hybrid_lm.ops.triton import sparse_attention as sa
 
     bf16 = torch.bfloat16
-    # (HQ, HKV, D, DV, values a view of the keys): the layer benchmark's MQA/GQA, MLA's latents, odd dims
+    # (HQ, HKV, D, DV, values a view of the keys): the layer benchmark's MQA/GQA, the 350M hybrid's 16 x 64 MQA,
+    # MLA's latents, odd dims
     for HQ, HKV, D, DV, shared in ((16, 1, 128, 128, False), (16, 4, 128, 128, False), (16, 4, 64, 64, False),
+                                   (16, 1, 64, 64, False),
                                    (12, 1, 288, 256, True), (16, 1, 576, 512, True), (6, 2, 96, 64, False),
                                    (12, 1, 288, 256, False)):
         T, K = 64, 32

@@ -203,15 +203,23 @@ def case_kl():
             default = kl_kernels.SPARSE_ONE_SWEEP
             for one_sweep in (False, True) if name == "indexer_kl_sparse" else (False,):
                 kl_kernels.SPARSE_ONE_SWEEP = one_sweep
+                launch, passes = kl_kernels._sparse_launch, []  # which sweeps run (pass_ is the 10th argument)
+                kl_kernels._sparse_launch = lambda *a, **kw: (passes.append(int(a[9])), launch(*a, **kw))[1]
                 try:
                     loss = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t,
                                                        block=32)
                     grads = torch.autograd.grad(3.0 * loss, leaves)  # a scaled upstream gradient
+                    with_grad, passes[:] = list(passes), []
                     with torch.no_grad():  # no gradients wanted: the loss alone
                         loss_ng = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
                                                               cu_seqlens=cu_t, block=32)
                 finally:
-                    kl_kernels.SPARSE_ONE_SWEEP = default
+                    kl_kernels.SPARSE_ONE_SWEEP, kl_kernels._sparse_launch = default, launch
+                if name == "indexer_kl_sparse":
+                    want = [kl_kernels.LOGITS, kl_kernels.ONE_SWEEP] if one_sweep else [
+                        kl_kernels.LOSS, kl_kernels.GRADS]
+                    assert with_grad == [int(x) for x in want], (one_sweep, with_grad)
+                    assert passes == [int(kl_kernels.LOSS)], (one_sweep, passes)  # never gradients under no_grad
                 errs = [rel_err(loss, loss_r), rel_err(loss_ng, loss_r)] + [
                     rel_err(g, 3.0 * gr) for g, gr in zip(grads, grads_r)]
                 print(f"{name} cu={cu}{' one sweep' if one_sweep else ''}: loss {loss.item():.5f} vs "

@@ -235,6 +235,18 @@ def values_in_keys(k: torch.Tensor, v: torch.Tensor) -> bool:
 # `red.global.add.v2.f32` pairs through inline PTX were 9x slower (run 12), so the backward keeps tl.atomic_add.
 FWD_CONFIG = (64, 8, 2)
 BWD_CONFIG = (32, 4, 1)
+# Head dims <= 64 (the 350M hybrid's 16 x 64, one KV head), run 18 at T = 32,768 (H100, 2026-12-06): the forward's
+# (32, 4, 2) took 3.58 ms against 4.03 for (64, 8, 2), the backward's (32, 4, 2) 11.50 ms against 14.60 for (32, 4, 1)
+# (two stages fit there; at 16 x 128 the backward runs one).
+NARROW_FWD_CONFIG = (32, 4, 2)
+NARROW_BWD_CONFIG = (32, 4, 2)
+
+
+def default_config(D: int, DV: int, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_K, num_warps, num_stages) the launches use unless given one: by pass and by the widest head dim."""
+    if max(D, DV) <= 64:
+        return NARROW_BWD_CONFIG if backward else NARROW_FWD_CONFIG
+    return BWD_CONFIG if backward else FWD_CONFIG
 
 
 def _doc_starts(cu_seqlens: torch.Tensor | None, T: int, device) -> torch.Tensor | None:
@@ -260,7 +272,7 @@ def sparse_attention_fwd(q, k, v, indices, doc, scale, config=None, v_in_k=None)
     lse = torch.empty(B, Tq, HQ, device=q.device, dtype=torch.float32)
     if B * Tq == 0:
         return o, lse
-    block_k, num_warps, num_stages = config or FWD_CONFIG
+    block_k, num_warps, num_stages = config or default_config(D, DV, backward=False)
     v_in_k = values_in_keys(k, v) if v_in_k is None else v_in_k
     cfg = _config(HQ // HKV, D, DV, block_k, v_in_k)
     grid = (Tq, B * HKV)
@@ -291,7 +303,7 @@ def sparse_attention_bwd(q, k, v, indices, doc, o, lse, do, dlse, scale, config=
     dk = torch.zeros(B, Tk, HKV, D, device=q.device, dtype=torch.float32)
     dv = dk if v_in_k else torch.zeros(B, Tk, HKV, DV, device=q.device, dtype=torch.float32)
     if B * Tq > 0:
-        block_k, num_warps, num_stages = config or BWD_CONFIG
+        block_k, num_warps, num_stages = config or default_config(D, DV, backward=True)
         cfg = _config(HQ // HKV, D, DV, block_k, v_in_k)
         _sparse_bwd_kernel[(Tq, B * HKV)](
             q, k, v, indices, doc if doc is not None else indices, do, lse, delta, dq, dk, dv,
