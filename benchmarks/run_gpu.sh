@@ -13,9 +13,10 @@ fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), 'flash_attn', b.has_flash_attn())"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
-# What runs 14-17 left (BENCHMARKS.md), three device calls in this order: ONLY="dsatests kernels" (the DSA kernel
-# tests, then the 350M DSA shape and the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k, the 350M pair at
-# 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla" (--compile at 4k; the fla mixers).
+# Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
+# kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
+# the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open:
+# ONLY="dsatests model32" after the sixth session's default flips, and ONLY=fla with FLA_TIMEOUT=500, one mixer a call.
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -50,7 +51,7 @@ if want compiled; then
   grep -v "^{" "$OUT/model-next-compiled.log" | grep " | " | tail -4 | cut -c1-200
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
-  for m in ${FLA_MIXERS:-fla_hgrn2 fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet fla_gla fla_kda \
+  for m in ${FLA_MIXERS:-fla_mamba2 fla_simple_gla fla_retnet fla_gated_deltanet fla_hgrn2 fla_gla fla_kda \
       fla_deltanet}; do
     timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
       -k "$m" > "$OUT/tests-fla-$m.log" 2>&1

@@ -30,7 +30,10 @@ WHY = {
     "dsa_vs_flash_attn_4": "DSA's three parts each cost more than the ideal: the indexer's streaming selection "
                            "pass (scores at ~150 TFLOPS plus candidate compaction), the sparse forward bound by "
                            "gathers from L2, and the backward bound by fp32 atomic adds of dk/dv (T x topk x "
-                           "(D + DV) of them)",
+                           "(D + DV) of them). Estimate at 64k (run 19): with random indices each (token, KV "
+                           "head) gathers its own 2,048 rows, 69 GB; at the forward's 6.2 TB/s the forward's and "
+                           "the backward's passes over them take ~22 ms together, above the ~20 ms that 5x allows, "
+                           "before the scatters and the indexer",
     "sparse_fwd_tflops": "one program per (token, KV head): each gathered 256-byte key/value row feeds only 16 "
                          "query heads (16 FLOP/byte), so the kernel is bound by gather bandwidth from L2, not by "
                          "tensor cores; 300 TFLOPS needs ~3x the gather rate or reuse across queries",
@@ -38,14 +41,15 @@ WHY = {
                           "sampling + streaming + the candidates' top-k cost more than one torch.topk",
     "gdn_dsa_350m_vs_dense_32k": "with 4 KV heads the sparse kernels pad G = 4 query heads to a 16-row tile and "
                                  "gather/scatter 4x the key/value bytes of MQA; with one KV head (MQA) the six DSA "
-                                 "layers still spend ~240 ms of a 636 ms step in the sparse backward's and the "
+                                 "layers still spent ~240 ms of a 636 ms step (run 15) in the sparse backward's and the "
                                  "indexer KL's fp32 atomic scatters, the sparse forward and the candidate pass, "
                                  "more than dense-350m spends in flash-attn-4 for 6 of its 24 layers. Bound: "
                                  "flash-attn-4 is ~55% of dense-350m's 32k step (run 13 profile), so 2x leaves "
                                  "~35 ms for all 24 token mixers of the hybrid; fla's two main Gated DeltaNet "
                                  "kernels alone took 41 ms for its 18 GDN layers (run 15)",
-    "mfu_4k": "eager mode (norms, rotary, gates, the indexer's projections as separate kernels), GEMMs of width "
-              "768-1024, and at 4k DSA's indexer + sparse attention cost more than the dense attention they replace",
+    "mfu_4k": "eager mode (norms, rotary, gates, the indexer's projections as separate kernels; torch.compile "
+              "lifts dense-350m from 27.1% to 30.7%, run 20), GEMMs of width 768-1024, and at 4k DSA's indexer + "
+              "sparse attention cost more than the dense attention they replace",
 }
 
 
