@@ -32,7 +32,8 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
 (`profile` in the row: name, ms, share of the step's kernel time). `--compile` wraps the model in torch.compile
 (`compile: true` in a training config does the same); its compile time falls into the warm-up steps.
 `--activation-checkpointing` recomputes each block's activations in the backward, as `activation_checkpointing:
-true` in a training config does (rows end in `-ckpt`). `--cast-per-projection` times the blocks as they were before
+true` in a training config does (rows end in `-ckpt`); `--activation-checkpointing N` only the first N blocks'
+(`activation_checkpointing: N`; rows end in `-ckptN`). `--cast-per-projection` times the blocks as they were before
 the fifth session of 2026-12-06: under autocast each projection cast the fp32 normalised input itself (rows end in
 `-cast-per-projection`); now each block's norms cast it once.
 Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
@@ -71,6 +72,11 @@ TINY_CONFIGS = ["tiny-hybrid"]
 PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0), ("H200", 989.0),
                ("H800", 989.0), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0)]
 COLS = ("op", "impl", "T", "B", "fwd_ms", "fwdbwd_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_gb", "note")
+
+
+def _ckpt_suffix(on) -> str:
+    """Row suffix for --activation-checkpointing: every block (True), or the first N blocks."""
+    return "-ckpt" if on is True else f"-ckpt{on}"
 
 
 def peak_tflops_of(device: torch.device, override: float | None) -> float | None:
@@ -168,7 +174,8 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
     flags = (("-compiled", args.compile), ("-rotary-reference", args.rotary_reference),
-             ("-ckpt", args.activation_checkpointing), ("-cast-per-projection", args.cast_per_projection))
+             (_ckpt_suffix(args.activation_checkpointing), args.activation_checkpointing is not False),
+             ("-cast-per-projection", args.cast_per_projection))
     impl = f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + "".join(n for n, on in flags if on)
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
@@ -223,8 +230,9 @@ def main(argv=None) -> list:
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile one more step and keep its N costliest kernels (0: off)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (compile time is in warm-up)")
-    ap.add_argument("--activation-checkpointing", action="store_true",
-                    help="recompute each block's activations in the backward (rows end in -ckpt)")
+    ap.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
+                    help="recompute each block's activations in the backward (rows end in -ckpt), or only the first "
+                         "N blocks' (-ckptN)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
     ap.add_argument("--cast-per-projection", action="store_true",

@@ -55,6 +55,9 @@ def test_activation_checkpointing_flag_names_the_row_and_reaches_the_model(bench
     assert r["impl"] == "train-bf16-sparse-ckpt" and r["activation_checkpointing"] is True and r.get("note") is None
     assert r["lm_loss"] == "chunked" and r["fwdbwd_ms"] > 0 and seen == [True]
     assert logits == {False}  # the step and the forward alone both take the chunked loss, as the trainer does
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--activation-checkpointing", "1", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["impl"] == "train-bf16-sparse-ckpt1" and r["activation_checkpointing"] == 1 and seen == [True, 1]
 
 
 def test_set_overrides_the_model_config_and_names_the_row(bench, tmp_path, monkeypatch):

@@ -49,7 +49,7 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.activation_checkpointing = False  # see set_activation_checkpointing
+        self.activation_checkpointing: bool | int = False  # see set_activation_checkpointing
         self.loss_chunk_size: int | None = None  # tokens per chunk of the chunked loss; None: ~0.5 GiB fp32 logits
         self.reset_parameters()
 
@@ -123,9 +123,9 @@ class HybridLM(nn.Module):
         seq.collect_metrics = collect_metrics
         x = self.embed_tokens(input_ids)
         hidden = [x] if output_hidden_states else None
-        recompute = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        recompute = self.checkpointed_blocks() if cache is None and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
-            if recompute:
+            if i < recompute:
                 x = self._checkpointed(layer, x, seq)
             else:
                 x = layer(x, seq, cache.layers[i] if cache is not None else None)
@@ -154,11 +154,22 @@ class HybridLM(nn.Module):
         return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
 
     # ----------------------------------------------------------------------------------------------- memory
-    def set_activation_checkpointing(self, on: bool = True) -> None:
-        """Activation checkpointing: while gradients are enabled and no cache is given, each block keeps only its
-        input and recomputes its activations during the backward (`torch.utils.checkpoint`, non-reentrant). About
-        one more forward of compute for the memory of the blocks' activations; gradients are unchanged."""
-        self.activation_checkpointing = bool(on)
+    def set_activation_checkpointing(self, on: bool | int = True) -> None:
+        """Activation checkpointing: while gradients are enabled and no cache is given, a checkpointed block keeps
+        only its input and recomputes its activations during the backward (`torch.utils.checkpoint`,
+        non-reentrant): one more forward of that block for the memory of its activations; gradients are unchanged.
+        `True` checkpoints every block, an integer n the first n blocks (memory and recomputation both scale with
+        n, so n can be the fewest blocks that fit), `False` or 0 none."""
+        n = len(self.layers)
+        if not isinstance(on, bool) and (not isinstance(on, int) or not 0 <= on <= n):
+            raise ValueError(f"activation_checkpointing = {on!r}: give true (every block), false, or the number of "
+                             f"blocks to checkpoint, from 0 to num_hidden_layers = {n} (the first n blocks)")
+        self.activation_checkpointing = on
+
+    def checkpointed_blocks(self) -> int:
+        """How many blocks (the first ones) recompute their activations in the backward."""
+        on = self.activation_checkpointing
+        return len(self.layers) if on is True else int(on)
 
     @staticmethod
     def _checkpointed(layer: Block, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:

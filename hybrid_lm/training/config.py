@@ -67,7 +67,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    activation_checkpointing: bool = False  # recompute each block's activations in the backward (less memory)
+    activation_checkpointing: bool | int = False  # recompute blocks' activations in the backward (less memory):
+                                                  # true every block, an integer n the first n blocks
     parallel: Literal["ddp", "fsdp"] = "ddp"
     out_dir: str | None = None             # default: runs/<training YAML name>
     max_nonfinite: int = 3                 # stop after this many non-finite losses in a row
@@ -108,6 +109,9 @@ def validate(cfg: TrainConfig, where: str = "training config") -> None:
         raise ValueError(f"{where}: need optim.warmup_steps >= 0, 0 < optim.decay_fraction <= 1, optim.grad_clip >= 0")
     if o.total_steps is not None and o.total_steps < 1:
         raise ValueError(f"{where}: optim.total_steps = {o.total_steps} must be >= 1 (or null for max_steps)")
+    if not isinstance(cfg.activation_checkpointing, bool) and cfg.activation_checkpointing < 0:
+        raise ValueError(f"{where}: activation_checkpointing = {cfg.activation_checkpointing} must be true, false "
+                         "or a number of blocks >= 0")
     if cfg.indexer_loss_weight < 0 or cfg.sample_tokens < 0 or cfg.eval_batches < 0:
         raise ValueError(f"{where}: indexer_loss_weight, sample_tokens and eval_batches must be >= 0")
 

@@ -134,3 +134,24 @@ def test_checkpointing_works_with_the_logits_path_and_bf16_autocast():
     torch.testing.assert_close(loss, ref_loss)
     for name in ref:
         torch.testing.assert_close(grads[name], ref[name], msg=name)
+
+
+def test_checkpointing_only_the_first_n_blocks():
+    torch.manual_seed(0)
+    model = tiny_model(["gated_deltanet", "dsa", "attention", "gated_deltanet"], torch.float64).train()
+    model.set_dsa_stage("sparse")
+    ids, cu = torch.randint(0, 97, (1, 40)), torch.tensor([0, 13, 40], dtype=torch.int32)
+    ref, ref_grads, _, ref_calls = _run(model, ids, cu)
+    for n, want in ((2, [2, 2, 1, 1]), (0, [1, 1, 1, 1]), (4, [2, 2, 2, 2])):
+        model.set_activation_checkpointing(n)
+        out, grads, _, calls = _run(model, ids, cu)
+        assert calls == want and model.checkpointed_blocks() == n, (n, calls)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out.aux_loss, ref.aux_loss, rtol=1e-12, atol=1e-12)
+        assert grads.keys() == ref_grads.keys()
+        for name in grads:
+            torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    for bad in (-1, 5, 2.5, "2", None):
+        with pytest.raises(ValueError, match="from 0 to num_hidden_layers = 4"):
+            model.set_activation_checkpointing(bad)
+    assert model.checkpointed_blocks() == 4  # a refused value leaves the setting as it was

@@ -53,13 +53,18 @@ def test_gradient_accumulation_matches_a_big_batch(write_config):
 
 def test_activation_checkpointing_trains_the_same_run(write_config):
     plain = train(load_train_config(write_config("plain", max_steps=3, sample_tokens=0)))
-    trainer = Trainer(load_train_config(write_config("ckpt", max_steps=3, sample_tokens=0,
-                                                     activation_checkpointing=True)))
-    assert trainer.raw.activation_checkpointing
-    ckpt = trainer.fit()
-    for step in (1, 2, 3):
-        assert ckpt.losses[step] == pytest.approx(plain.losses[step], rel=1e-6)
-    assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-6)
+    for on in (True, 1):  # every block, or only the first one
+        trainer = Trainer(load_train_config(write_config(f"ckpt-{on}", max_steps=3, sample_tokens=0,
+                                                         activation_checkpointing=on)))
+        assert trainer.raw.activation_checkpointing is on and trainer.raw.checkpointed_blocks() == (
+            len(trainer.raw.layers) if on is True else 1)
+        ckpt = trainer.fit()
+        for step in (1, 2, 3):
+            assert ckpt.losses[step] == pytest.approx(plain.losses[step], rel=1e-6)
+        assert ckpt.eval_loss == pytest.approx(plain.eval_loss, rel=1e-6)
+    many = load_train_config(write_config("ckpt-many", max_steps=1, activation_checkpointing=99))
+    with pytest.raises(ValueError, match="activation_checkpointing = 99.*from 0 to num_hidden_layers"):
+        Trainer(many)
 
 
 class _NaNOnCalls(nn.Module):
