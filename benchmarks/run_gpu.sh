@@ -16,7 +16,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open:
-# ONLY="dsatests model32" after the sixth session's default flips, and ONLY=fla with FLA_TIMEOUT=500, one mixer a call.
+# ONLY="dsatests model32 ckpt" after the sixth session's default flips and partial checkpointing, and ONLY=fla with
+# FLA_TIMEOUT=500, one mixer a call.
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -44,6 +45,13 @@ if want model32; then  # the norms' single cast: the 350M pair, then the hybrid 
   (cd benchmarks && timeout 100 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --cast-per-projection \
     --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
   for f in model-next model-next-old; do grep -v "^{" "$OUT/$f.log" | grep " | " | tail -5 | cut -c1-200; done
+fi
+if want ckpt; then  # gdn-dsa-1b at 32k: every block checkpointed (run 24: 20.8 GiB) against only the first 8 of 16
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing \
+    --out "$OUT/model-1b-ckpt.json" > "$OUT/model-1b-ckpt.log" 2>&1)
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing 8 \
+    --out "$OUT/model-1b-ckpt8.json" > "$OUT/model-1b-ckpt8.log" 2>&1)
+  for f in model-1b-ckpt model-1b-ckpt8; do grep -v "^{" "$OUT/$f.log" | grep " | " | tail -1 | cut -c1-200; done
 fi
 if want compiled; then
   (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m dense-125m --T 4096 --compile \
