@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open:
 # ONLY="dsatests model32 ckpt" after the sixth session's default flips and partial checkpointing, and ONLY=fla with
-# FLA_TIMEOUT=500, one mixer a call.
+# FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2, fla_gated_deltanet, two a call.
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -59,12 +59,14 @@ if want compiled; then
   grep -v "^{" "$OUT/model-next-compiled.log" | grep " | " | tail -4 | cut -c1-200
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
+  # FLA_TESTS narrows each mixer's tests, e.g. FLA_TESTS=trains_a_step (the first, and the longest to compile)
   for m in ${FLA_MIXERS:-fla_mamba2 fla_simple_gla fla_retnet fla_gated_deltanet fla_hgrn2 fla_gla fla_kda \
       fla_deltanet}; do
-    timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -q -p no:cacheprovider -rfE \
-      -k "$m" > "$OUT/tests-fla-$m.log" 2>&1
-    got=$(grep -E "passed|failed" "$OUT/tests-fla-$m.log" | tail -1)
-    echo "$m: ${got:-cut at ${FLA_TIMEOUT:-120} s}"
+    timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -v -p no:cacheprovider -rfE \
+      -k "$m${FLA_TESTS:+ and $FLA_TESTS}" > "$OUT/tests-fla-$m.log" 2>&1
+    got=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests-fla-$m.log" | tail -1)
+    done_=$(grep -oE "::test_[a-z_]+\[$m\] (PASSED|FAILED)" "$OUT/tests-fla-$m.log" | sed 's/::test_//' | tr '\n' ' ')
+    echo "$m: ${got:-cut at ${FLA_TIMEOUT:-120} s} ${done_}"
   done
 fi
 cd benchmarks
