@@ -1,9 +1,11 @@
 """Question: how fast is the Triton sparse attention (DSA's attention half, arXiv 2512.02556), forward and backward?
 
 Effective FLOPs (the issue's definition): forward 4 * T * topk * HQ * D, backward 2.5x that. Random distinct
-causal indices (stratified sampling), 16 query heads x 128, 1 or 4 KV heads, topk 2048, bf16. Sweeps a few
+causal indices (one from each of topk strata), 16 query heads x 128, 1 or 4 KV heads, topk 2048, bf16. Sweeps a few
 (BLOCK_K, num_warps, num_stages) configs per pass; first checks the kernels against the reference at T = 4096.
 `--index-order`: the same index sets in position order and shuffled (top-k returns them by score).
+`--local 0 0.5 0.9`: index rows that hold the query's most recent keys in that fraction of their slots, as trained
+indexers' picks overlap between neighbouring queries (the benchmark's random rows share almost nothing).
 `--mla`: MLA's absorbed latent shapes, split head dims + values gathered from the keys' rows against the padded kernel.
 `--head-dim 64 --hkv 1`: other shapes (the 350M hybrid's DSA layers: 16 heads x 64, one KV head); the backward then
 also sweeps 64-key blocks, which narrow heads leave room for.
@@ -100,6 +102,27 @@ def index_order(T, rows):
     rows.append(row("sparse_attention_index_order", "torch.sort(rows)", T, fwd_ms=ms, hkv=1))
 
 
+def locality(T, fractions, rows):
+    """Index rows whose last `local` * topk slots are the query's most recent keys (neighbouring queries share them,
+    as a trained indexer's picks overlap; the rest stratified random), one KV head, the default configs. Sharing
+    puts neighbouring queries' gathers into the same rows (cache hits) and their dk / dv atomics onto the same
+    addresses (contention)."""
+    q, k, v, _ = inputs(T, 1)
+    scale = D ** -0.5
+    flops = 4.0 * T * TOPK * HQ * D
+    for local in fractions:
+        idx = random_causal_indices(T, TOPK, local=local).int().contiguous()
+        o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
+        do = torch.randn_like(o)
+        f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale))
+        b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale))
+        rows.append(row("sparse_attention_locality", f"local={local:g}", T, fwd_ms=f_ms, bwd_ms=b_ms,
+                        fwdbwd_ms=f_ms + b_ms, tflops=flops / f_ms / 1e9, hkv=1, head_dim=D, local=local))
+        print(rows[-1], flush=True)
+        del idx, o, lse, do
+    torch.cuda.empty_cache()
+
+
 MLA_SHAPES = [(12, 288, 256), (16, 576, 512)]  # (heads, latent + rotary key dims, latent value dims): the zoo's
 # deepseek-v32-125m and DeepSeek-V3.2's 576/512 latent with 16 heads
 
@@ -143,6 +166,9 @@ def main():
                                                         "against padded + separate (forward TFLOPS: 2 T topk H (D + DV))")
     ap.add_argument("--head-dim", type=int, default=D, help=f"query/key/value head dim (default {D})")
     ap.add_argument("--hkv", type=int, nargs="+", default=[1, 4], help="KV heads of the rows (default 1 4)")
+    ap.add_argument("--local", type=float, nargs="+", metavar="FRACTION",
+                    help="only compare index rows whose last FRACTION x topk slots are the most recent keys, e.g. "
+                         "0 0.5 0.9 (forward TFLOPS, backward ms; one KV head, default configs)")
     args = ap.parse_args()
     D = args.head_dim
     rows = []
@@ -151,6 +177,13 @@ def main():
             guarded(rows, "sparse_attention_mla", lambda: mla(T, rows))
         save(rows, "sparse_attention_mla")
         print_table(rows, cols=("op", "impl", "T", "heads", "d_qk", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
+        return
+    if args.local:
+        for T in args.T:
+            guarded(rows, "dense_attention_fwd", lambda: dense_baseline(T, rows))
+            guarded(rows, "sparse_attention_locality", lambda: locality(T, args.local, rows))
+        save(rows, "sparse_attention_locality" if D == 128 else f"sparse_attention_locality-d{D}")
+        print_table(rows, cols=("op", "impl", "T", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops"))
         return
     if args.index_order:
         for T in args.T:

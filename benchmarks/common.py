@@ -75,11 +75,21 @@ def print_table(rows: list, cols=("op", "impl", "T", "fwd_ms", "fwdbwd_ms", "tfl
         print(" | ".join(fmt(r.get(c)) for c in cols))
 
 
-def random_causal_indices(T: int, K: int, device="cuda", seed=0) -> torch.Tensor:
-    """[1, T, K] distinct causal key indices per query (stratified random sampling), -1 padded for short rows."""
+def random_causal_indices(T: int, K: int, device="cuda", seed=0, local: float = 0.0) -> torch.Tensor:
+    """[1, T, K] distinct causal key indices per query in position order, -1 padded for short rows. Each row that
+    sees more than K keys takes its `local` * K most recent keys (neighbouring queries then share them, as trained
+    indexers' picks overlap) and samples the rest from the keys before them, one key from each of K - L equal
+    strata (so they are distinct and ascending); local = 0: all sampled."""
+    if not 0.0 <= local <= 1.0:
+        raise ValueError(f"local = {local} must be a fraction of topk in [0, 1]")
     g = torch.Generator(device=device).manual_seed(seed)
     n = torch.arange(1, T + 1, device=device)[:, None]  # visible keys per row
     j = torch.arange(K, device=device)[None, :]
+    L = round(local * K)  # the window: slots K - L .. K - 1 hold keys n - L .. n - 1
+    R = K - L  # sampled slots 0 .. R - 1, stratified over the n - L keys before the window
     u = torch.rand(T, K, device=device, generator=g)
-    full = ((j + u) * n / K).floor().long().clamp(max=n - 1)
+    m = (n - L).clamp(min=R)  # >= one key per stratum in the rows used (n > K)
+    lo, hi = (j * m) // max(R, 1), ((j + 1) * m) // max(R, 1)  # stratum j: keys lo .. hi - 1, hi > lo
+    sampled = lo + (u * (hi - lo)).floor().long().clamp(max=hi - lo - 1)
+    full = torch.where(j < R, sampled, n - K + j)
     return torch.where(n > K, full, torch.where(j < n, j, -1))[None]

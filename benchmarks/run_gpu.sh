@@ -16,8 +16,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open:
-# ONLY="dsatests model32 ckpt" after the sixth session's default flips and partial checkpointing, and ONLY=fla with
-# FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2, fla_gated_deltanet, two a call.
+# ONLY="dsatests model32 ckpt locality" (the sixth session's default flips, partial checkpointing, local index rows),
+# then ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2 and
+# fla_gated_deltanet, two mixers a call (FLA_MIXERS).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -45,6 +46,11 @@ if want model32; then  # the norms' single cast: the 350M pair, then the hybrid 
   (cd benchmarks && timeout 100 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --cast-per-projection \
     --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
   for f in model-next model-next-old; do grep -v "^{" "$OUT/$f.log" | grep " | " | tail -5 | cut -c1-200; done
+fi
+if want locality; then  # index rows sharing their most recent keys between neighbouring queries, as trained ones do
+  (cd benchmarks && timeout 120 python3 bench_sparse_attention.py --T 65536 --local 0 0.5 0.9 \
+    > "$OUT/sparse-locality.log" 2>&1)
+  grep -v "^{" "$OUT/sparse-locality.log" | tail -5 | cut -c1-150
 fi
 if want ckpt; then  # gdn-dsa-1b at 32k: every block checkpointed (run 24: 20.8 GiB) against only the first 8 of 16
   (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing \
