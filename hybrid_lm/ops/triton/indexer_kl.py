@@ -403,7 +403,7 @@ DENSE_CONFIG = (64, 4)  # BLOCK_N, num_warps; BLOCK_M so that BLOCK_M * BLOCK_G 
 # and 27.29 against 31.74 at 65,536; a forward without gradients (no_grad, or no indexer input requiring grad)
 # always takes the single loss sweep (2.45 and 10.0 ms there). Under activation checkpointing a block's forward
 # runs twice, so one sweep then costs two gradient sweeps where two sweeps cost two loss sweeps and one gradient
-# sweep (by run 18's times ~25% more for the KL alone); set it False for fully checkpointed runs.
+# sweep (by run 18's times 27-31% more for the KL alone); set it False for fully checkpointed runs.
 SPARSE_ONE_SWEEP = True
 
 
