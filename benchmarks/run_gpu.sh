@@ -15,9 +15,10 @@ python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), '
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
-# the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open:
-# ONLY="dsatests model32 ckpt locality" (the sixth session's default flips, partial checkpointing, local index rows),
-# then ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2 and
+# the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open,
+# one call each: ONLY="dsatests locality profile4k" (the kernels' tests after the sixth session's default flips, local
+# index rows, a 4k profile; ~6 min cold), ONLY="model32 ckpt" (the 350M pair with the flips, partial checkpointing;
+# ~5 min), then ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2 and
 # fla_gated_deltanet, two mixers a call (FLA_MIXERS).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
@@ -51,6 +52,11 @@ if want locality; then  # index rows sharing their most recent keys between neig
   (cd benchmarks && timeout 120 python3 bench_sparse_attention.py --T 65536 --local 0 0.5 0.9 \
     > "$OUT/sparse-locality.log" 2>&1)
   grep -v "^{" "$OUT/sparse-locality.log" | tail -5 | cut -c1-150
+fi
+if want profile4k; then  # where the 4k step goes for the configs nearest the 35% MFU target (eager; top 15 kernels)
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-1b --T 4096 --profile 15 \
+    --out "$OUT/model-4k-profile.json" > "$OUT/model-4k-profile.log" 2>&1)
+  grep -v "^{" "$OUT/model-4k-profile.log" | grep -A16 "top kernels" | cut -c1-160
 fi
 if want ckpt; then  # gdn-dsa-1b at 32k: every block checkpointed (run 24: 20.8 GiB) against only the first 8 of 16
   (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing \
