@@ -1,20 +1,12 @@
 """benchmarks/common.py's index rows for the sparse-attention benchmarks: every row holds distinct causal keys in
 position order (-1 after the keys of a short row), and with `local` its last slots are the query's most recent keys."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "common.py"
 
 
 @pytest.fixture(scope="module")
-def common():
-    spec = importlib.util.spec_from_file_location("bench_common", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def common(load_benchmark):
+    return load_benchmark("common")
 
 
 @pytest.mark.parametrize("local", [0.0, 0.5, 0.9, 1.0])

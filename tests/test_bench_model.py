@@ -2,7 +2,6 @@
 the formula of the script's docstring, `--activation-checkpointing` and `--set` reach the model and name the row,
 and failing or over-budget rows are recorded instead of ending the run."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,15 +11,12 @@ import torch
 
 import hybrid_lm
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_benchmark):
+    return load_benchmark("bench_model")
 
 
 def test_tiny_cpu_run_measures_and_records_failures(bench, tmp_path):
@@ -32,7 +28,7 @@ def test_tiny_cpu_run_measures_and_records_failures(bench, tmp_path):
     assert ok["impl"] == "train-bf16-sparse" and ok["B"] == 2 and ok.get("note") is None  # 64 tokens a step
     assert ok["lm_loss"] == "chunked" and ok["activation_checkpointing"] is False
     assert ok["fwdbwd_ms"] > 0 and ok["fwd_ms"] > 0 and ok["card"].startswith("cpu")
-    model = hybrid_lm.build_model(hybrid_lm.load_config(SCRIPT.parents[1] / "model_configs" / "tiny-hybrid.yaml"),
+    model = hybrid_lm.build_model(hybrid_lm.load_config(ROOT / "model_configs" / "tiny-hybrid.yaml"),
                                   device="meta")
     assert ok["train_gflops_per_token"] == pytest.approx(3 * model.flops_per_token(32) / 1e9)
     assert ok["tokens_per_s"] == pytest.approx(64 / (ok["fwdbwd_ms"] / 1e3))
@@ -123,14 +119,12 @@ def test_profile_keeps_the_costliest_kernels_of_a_step(bench, tmp_path):
     assert any("mm" in n for n in names)  # a training step's time goes to matrix products first
 
 
-def _targets():
-    spec = importlib.util.spec_from_file_location("targets", SCRIPT.parent / "targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def targets(load_benchmark):
+    return load_benchmark("targets")
 
 
-def test_targets_compare_within_one_file_and_say_by_how_much(tmp_path):
+def test_targets_compare_within_one_file_and_say_by_how_much(targets, tmp_path):
     meta = dict(card="GPU X", date="2026-12-06")
     layer = [dict(op="dense_attention", impl="flash-attn-4", T=65536, fwdbwd_ms=100.0, **meta),
              dict(op="dsa", impl="triton-hkv1", T=65536, fwdbwd_ms=50.0, peak_mem_gb=4.0, **meta),
@@ -147,7 +141,7 @@ def test_targets_compare_within_one_file_and_say_by_how_much(tmp_path):
         paths.append(str(tmp_path / name))
     # a baseline from another file (another run) is never used: only the model file's flash-attn-4 row here
     (tmp_path / "other.json").write_text(json.dumps([dict(op="dsa", impl="triton-hkv1", T=131072, fwdbwd_ms=1.0)]))
-    rows = _targets().main(paths + [str(tmp_path / "other.json"), "--out", str(tmp_path / "t.json")])
+    rows = targets.main(paths + [str(tmp_path / "other.json"), "--out", str(tmp_path / "t.json")])
     got = {(r["impl"], r["T"]): r for r in rows}
     at64 = got[("dsa_vs_flash_attn_4", 65536)]
     assert at64["measured"] == 2.0 and at64["met"] is False and at64["miss_factor"] == 2.5 and at64["why"]
