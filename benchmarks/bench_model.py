@@ -35,7 +35,8 @@ loss and recall metric, norms, activations, softmax, rotary embeddings, the loss
 true` in a training config does (rows end in `-ckpt`); `--activation-checkpointing N` only the first N blocks'
 (`activation_checkpointing: N`; rows end in `-ckptN`). `--cast-per-projection` times the blocks as they were before
 the fifth session of 2026-12-06: under autocast each projection cast the fp32 normalised input itself (rows end in
-`-cast-per-projection`); now each block's norms cast it once.
+`-cast-per-projection`); now each block's norms cast it once. `--residual-dtype bf16` keeps the residual stream
+in bf16 under autocast, as `residual_dtype: bf16` in a training config does (rows end in `-residual-bf16`).
 Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
 through the fp32 PyTorch reference instead (the default before 2026-12-06 run 11; rows then end in
 `-rotary-reference`, and rows of runs 10-11 ending in `-rotary-kernel` used the kernel when it was opt-in).
@@ -144,6 +145,7 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
     stage = args.dsa_stage if has_dsa else "none"
     model.set_dsa_stage(stage)
     model.set_activation_checkpointing(args.activation_checkpointing)
+    model.set_residual_dtype(torch.bfloat16 if args.residual_dtype == "bf16" else None)
     run = torch.compile(model) if args.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=device.type == "cuda" or None)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device=device)
@@ -175,14 +177,15 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
     flags = (("-compiled", args.compile), ("-rotary-reference", args.rotary_reference),
              (_ckpt_suffix(args.activation_checkpointing), args.activation_checkpointing is not False),
-             ("-cast-per-projection", args.cast_per_projection))
+             ("-cast-per-projection", args.cast_per_projection), ("-residual-bf16", args.residual_dtype == "bf16"))
     impl = f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + "".join(n for n, on in flags if on)
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
                B=B, tokens_per_s=tokens_per_s, mfu=None if peak is None else tflops / peak, peak_tflops=peak,
                params_m=model.num_parameters() / 1e6,
                non_embedding_m=model.num_parameters(exclude_embeddings=True) / 1e6,
                train_gflops_per_token=train_flops_per_token / 1e9, dsa_stage=stage, profile=prof,
-               lm_loss="chunked", activation_checkpointing=args.activation_checkpointing, overrides=args.set or None)
+               lm_loss="chunked", activation_checkpointing=args.activation_checkpointing, overrides=args.set or None,
+               residual_dtype=args.residual_dtype)
 
 
 def model_overrides(items: list[str]) -> dict:
@@ -235,6 +238,9 @@ def main(argv=None) -> list:
                          "N blocks' (-ckptN)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
+    ap.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
+                    help="the residual stream under autocast (bf16: as `residual_dtype: bf16` trains; rows end in "
+                         "-residual-bf16)")
     ap.add_argument("--cast-per-projection", action="store_true",
                     help="each projection casts the blocks' fp32 normalised input itself, as before 2026-12-06 "
                          "(default: the norms cast it once; rows end in -cast-per-projection)")

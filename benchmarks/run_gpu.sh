@@ -16,10 +16,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open,
-# one call each: ONLY="dsatests locality profile4k" (the kernels' tests after the sixth session's default flips, local
-# index rows, a 4k profile; ~6 min cold), ONLY="model32 ckpt" (the 350M pair with the flips, partial checkpointing;
-# ~5 min), then ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 for fla_simple_gla, fla_retnet, fla_mamba2 and
-# fla_gated_deltanet, two mixers a call (FLA_MIXERS).
+# in order of need: ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 FLA_MIXERS="<two of fla_simple_gla fla_retnet
+# fla_mamba2 fla_gated_deltanet>" (two calls); ONLY="model32 ckpt" (the 350M pair after the sixth session's default
+# flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k" (~6 min cold); ONLY=residual (~3 min,
+# after model32 on the same machine).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -57,6 +57,11 @@ if want profile4k; then  # where the 4k step goes for the configs nearest the 35
   (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-1b --T 4096 --profile 15 \
     --out "$OUT/model-4k-profile.json" > "$OUT/model-4k-profile.log" 2>&1)
   grep -v "^{" "$OUT/model-4k-profile.log" | grep -A16 "top kernels" | cut -c1-160
+fi
+if want residual; then  # the residual stream in bf16 under autocast against fp32 (model32's rows, same machine)
+  (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
+    --residual-dtype bf16 --out "$OUT/model-residual-bf16.json" > "$OUT/model-residual-bf16.log" 2>&1)
+  grep -v "^{" "$OUT/model-residual-bf16.log" | grep " | " | tail -5 | cut -c1-200
 fi
 if want ckpt; then  # gdn-dsa-1b at 32k: every block checkpointed (run 24: 20.8 GiB) against only the first 8 of 16
   (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing \

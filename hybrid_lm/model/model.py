@@ -50,6 +50,7 @@ class HybridLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.activation_checkpointing: bool | int = False  # see set_activation_checkpointing
+        self.residual_dtype: torch.dtype | None = None  # see set_residual_dtype
         self.loss_chunk_size: int | None = None  # tokens per chunk of the chunked loss; None: ~0.5 GiB fp32 logits
         self.reset_parameters()
 
@@ -122,6 +123,9 @@ class HybridLM(nn.Module):
         seq = self._sequence_info(input_ids, cu_seqlens, cache)
         seq.collect_metrics = collect_metrics
         x = self.embed_tokens(input_ids)
+        low = self.residual_dtype if torch.is_autocast_enabled(x.device.type) else None
+        if low is not None:
+            x = x.to(low)
         hidden = [x] if output_hidden_states else None
         recompute = self.checkpointed_blocks() if cache is None and torch.is_grad_enabled() else 0
         for i, layer in enumerate(self.layers):
@@ -129,6 +133,8 @@ class HybridLM(nn.Module):
                 x = self._checkpointed(layer, x, seq)
             else:
                 x = layer(x, seq, cache.layers[i] if cache is not None else None)
+            if low is not None:
+                x = x.to(low)  # a no-op unless a block returned wider outputs (e.g. fp32 expert sums)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -165,6 +171,17 @@ class HybridLM(nn.Module):
             raise ValueError(f"activation_checkpointing = {on!r}: give true (every block), false, or the number of "
                              f"blocks to checkpoint, from 0 to num_hidden_layers = {n} (the first n blocks)")
         self.activation_checkpointing = on
+
+    def set_residual_dtype(self, dtype: torch.dtype | None) -> None:
+        """The residual stream's dtype under autocast. None (the default): the embedding's dtype, fp32 with fp32
+        parameters, so every block adds its bf16 output to an fp32 stream. `torch.bfloat16`: the stream is cast
+        after the embedding and stays bf16 (as with bf16 parameters in Megatron or FSDP mixed precision): half the
+        bytes for the adds, norms and their gradients, at the cost of rounding the stream to 8 bits of mantissa at
+        every block. Without autocast it has no effect. Norms still compute in fp32."""
+        if dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"residual dtype {dtype!r}: give None (the embedding's), torch.bfloat16, torch.float16 "
+                             "or torch.float32")
+        self.residual_dtype = dtype
 
     def checkpointed_blocks(self) -> int:
         """How many blocks (the first ones) recompute their activations in the backward."""

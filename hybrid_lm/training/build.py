@@ -104,11 +104,17 @@ def configure_dsa_stage(model: hybrid_lm.HybridLM, stage: str, indexer_loss_weig
                       stacklevel=2)
 
 
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on GPU by default, fp32 on CPU (CPU bf16 only when asked for)."""
+def autocast_dtype(device: torch.device, dtype: str) -> torch.dtype | None:
+    """The training config's `dtype` on `device`: bf16 autocast on GPU by default, none (fp32) on CPU (CPU bf16 only
+    when asked for)."""
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(device: torch.device, dtype: str):
+    low = autocast_dtype(device, dtype)
+    return torch.autocast(device.type, dtype=low) if low is not None else nullcontext()
 
 
 def num_predictions(batch: dict) -> int:

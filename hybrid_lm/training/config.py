@@ -69,6 +69,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool | int = False  # recompute blocks' activations in the backward (less memory):
                                                   # true every block, an integer n the first n blocks
+    residual_dtype: Literal["fp32", "bf16"] = "fp32"  # the residual stream under bf16 autocast (bf16: fewer bytes)
     parallel: Literal["ddp", "fsdp"] = "ddp"
     out_dir: str | None = None             # default: runs/<training YAML name>
     max_nonfinite: int = 3                 # stop after this many non-finite losses in a row
@@ -109,6 +110,9 @@ def validate(cfg: TrainConfig, where: str = "training config") -> None:
         raise ValueError(f"{where}: need optim.warmup_steps >= 0, 0 < optim.decay_fraction <= 1, optim.grad_clip >= 0")
     if o.total_steps is not None and o.total_steps < 1:
         raise ValueError(f"{where}: optim.total_steps = {o.total_steps} must be >= 1 (or null for max_steps)")
+    if cfg.residual_dtype == "bf16" and cfg.dtype == "fp32":
+        raise ValueError(f"{where}: residual_dtype: bf16 keeps the residual stream in bf16 under bf16 autocast, but "
+                         "dtype: fp32 turns autocast off; set dtype: bf16 (or auto on a GPU) or residual_dtype: fp32")
     if not isinstance(cfg.activation_checkpointing, bool) and cfg.activation_checkpointing < 0:
         raise ValueError(f"{where}: activation_checkpointing = {cfg.activation_checkpointing} must be true, false "
                          "or a number of blocks >= 0")

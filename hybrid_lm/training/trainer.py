@@ -26,7 +26,7 @@ import hybrid_lm
 from hybrid_lm.data import PackedBatches, iter_eval_batches, prepare_data
 from hybrid_lm.data.tokenizer import load_tokenizer
 from hybrid_lm.training import checkpoint as ckpt_io
-from hybrid_lm.training.build import (autocast_context, build_training_model, configure_dsa_stage,
+from hybrid_lm.training.build import (autocast_context, autocast_dtype, build_training_model, configure_dsa_stage,
                                       deterministic_algorithms, num_predictions, seed_everything)
 from hybrid_lm.training.config import TrainConfig, validate
 from hybrid_lm.training.distributed import (DistInfo, all_reduce_sum, barrier, setup_distributed,
@@ -85,6 +85,11 @@ class Trainer:
         model = build_training_model(cfg, self.prepared.vocab_size, resume_from)
         configure_dsa_stage(model, cfg.dsa_stage, cfg.indexer_loss_weight)
         model.set_activation_checkpointing(cfg.activation_checkpointing)
+        if cfg.residual_dtype == "bf16":
+            if autocast_dtype(self.device, cfg.dtype) is None:
+                raise ValueError(f"residual_dtype: bf16 needs bf16 autocast, which dtype: {cfg.dtype} does not turn "
+                                 f"on for {self.device.type}; set dtype: bf16 or residual_dtype: fp32")
+            model.set_residual_dtype(torch.bfloat16)
         self.raw = model.to(self.device)
         self.model = wrap_model(self.raw, self.info, cfg.parallel)
         if cfg.compile:

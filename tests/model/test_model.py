@@ -206,6 +206,42 @@ def test_dsa_trains_under_cpu_bf16_autocast(stage):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if ".indexer." in n)
 
 
+@pytest.mark.parametrize("pattern, moe", [(["attention", "gated_deltanet", "dsa"], None),
+                                          (["attention", "gated_deltanet"], {"num_experts": 4, "num_experts_per_tok": 2,
+                                                                             "moe_intermediate_size": 16})])
+def test_a_bf16_residual_stream_under_autocast(pattern, moe):
+    """set_residual_dtype(bf16): under autocast every block reads and returns a bf16 stream (MoE included); the loss
+    and the gradients stay close to the fp32 stream's; without autocast it changes nothing; bad dtypes are refused."""
+    torch.manual_seed(0)
+    model = tiny_model(pattern, **({"moe": moe} if moe else {}))
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+
+    def step(autocast=True):
+        seen.clear()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(ids, labels=ids)
+        (out.loss + out.aux_loss).backward()
+        return out.loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss32, grads32 = step()
+    assert set(seen) == {(torch.float32, torch.float32)}
+    reference = step(autocast=False)
+    model.set_residual_dtype(torch.bfloat16)
+    loss16, grads16 = step()
+    assert set(seen) == {(torch.bfloat16, torch.bfloat16)}
+    assert abs(float(loss16 - loss32)) < 1e-3 * float(loss32)
+    assert float((grads16 - grads32).norm() / grads32.norm()) < 3e-2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights and their gradients stay fp32
+    fp32 = step(autocast=False)  # no autocast: the setting does nothing
+    assert torch.equal(fp32[0], reference[0]) and torch.equal(fp32[1], reference[1])
+    with pytest.raises(ValueError, match="residual dtype"):
+        model.set_residual_dtype(torch.int8)
+
+
 def test_blocks_cast_the_normalised_input_once_under_autocast(monkeypatch):
     """Under autocast the residual stream stays fp32 and each block's norms hand the mixer and the feed-forward
     autocast's dtype (one cast, not one per projection): the forward is the same as casting in every projection, and

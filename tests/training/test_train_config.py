@@ -60,6 +60,8 @@ def test_paths_are_relative_to_the_yaml(tmp_path):
     ({"model": "m.yaml", "dsa_stage": "warmup"}, ["t.yaml", "dsa_stage", "dense_warmup"]),
     ({"model": "m.yaml", "activation_checkpointing": "on"}, ["t.yaml", "activation_checkpointing", "'on'"]),
     ({"model": "m.yaml", "activation_checkpointing": -2}, ["t.yaml", "activation_checkpointing", "number of blocks"]),
+    ({"model": "m.yaml", "residual_dtype": "bf16", "dtype": "fp32"}, ["t.yaml", "residual_dtype", "dtype: fp32"]),
+    ({"model": "m.yaml", "residual_dtype": "fp16"}, ["t.yaml", "residual_dtype", "'fp16'"]),
     ({"model": "m.yaml", "init_from": "run"}, ["exactly one of 'model'", "init_from"]),
     ({"model": "m.yaml", "optim": {"lr": 1e-3, "min_lr": 1e-2}}, ["min_lr"]),
 ])

@@ -2,6 +2,7 @@
 and a run leaves metrics, a plot, samples and verifiable checkpoints behind."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -65,6 +66,17 @@ def test_activation_checkpointing_trains_the_same_run(write_config):
     many = load_train_config(write_config("ckpt-many", max_steps=1, activation_checkpointing=99))
     with pytest.raises(ValueError, match="activation_checkpointing = 99.*from 0 to num_hidden_layers"):
         Trainer(many)
+
+
+def test_a_bf16_residual_stream_trains_under_bf16_autocast(write_config):
+    trainer = Trainer(load_train_config(write_config("bf16-residual", max_steps=2, sample_tokens=0, dtype="bf16",
+                                                     residual_dtype="bf16")))
+    assert trainer.raw.residual_dtype == torch.bfloat16
+    result = trainer.fit()
+    assert all(math.isfinite(result.losses[step]) for step in (1, 2))
+    on_cpu = load_train_config(write_config("bf16-residual-auto", max_steps=1, residual_dtype="bf16"))  # auto: fp32 here
+    with pytest.raises(ValueError, match="residual_dtype: bf16 needs bf16 autocast"):
+        Trainer(on_cpu)
 
 
 class _NaNOnCalls(nn.Module):
