@@ -106,7 +106,8 @@ class DeepSeekSparseAttention(Attention):
                                       return_lse=True, backend=self.settings.sparse_backend)
         if self.dsa_stage == "sparse":
             kl = ops.indexer_kl_sparse(a.q.detach(), a.k.detach(), q_idx, k_idx, w, indices, scale=self.scale,
-                                       cu_seqlens=seq.cu_seqlens, attn_lse=lse.detach())
+                                       cu_seqlens=seq.cu_seqlens, attn_lse=lse.detach(),
+                                       forward_recomputed=seq.checkpointed)
             self._report(seq, kl, self.indexer_loss_weight, a.q, a.k, indices)
         return o
 

@@ -27,12 +27,19 @@ class SequenceInfo:
     metrics: dict = field(default_factory=dict)
     collect_metrics: bool = True  # False skips diagnostics that cost real time (DSA's dense attention recall)
     recomputing: bool = False  # True in activation checkpointing's recomputation: record no side effects
+    checkpointed: bool = False  # True while a checkpointed block runs: its forward runs again in the backward
     _rope: dict = field(default_factory=dict)
 
     def for_recompute(self) -> "SequenceInfo":
         """The same positions and boundaries (and rotary cache) with fresh places to report to, which nobody reads,
-        no costly diagnostics, and `recomputing` set."""
-        return dataclasses.replace(self, aux_losses=[], metrics={}, collect_metrics=False, recomputing=True)
+        no costly diagnostics, and `recomputing` and `checkpointed` set."""
+        return dataclasses.replace(self, aux_losses=[], metrics={}, collect_metrics=False, recomputing=True,
+                                   checkpointed=True)
+
+    def for_checkpointed(self) -> "SequenceInfo":
+        """The same, reporting to the same places (the first, real forward of a checkpointed block), with
+        `checkpointed` set so ops can skip work that pays off only when the forward runs once."""
+        return dataclasses.replace(self, checkpointed=True)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin `[B, T, dim]`, computed once per forward for each (dim, theta)."""

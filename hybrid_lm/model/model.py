@@ -134,7 +134,7 @@ class HybridLM(nn.Module):
             else:
                 x = layer(x, seq, cache.layers[i] if cache is not None else None)
             if low is not None:
-                x = x.to(low)  # a no-op unless a block returned wider outputs (e.g. fp32 expert sums)
+                x = x.to(low)  # a no-op for the zoo's blocks (each returns its input's dtype); keeps a wider one out
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -199,7 +199,7 @@ class HybridLM(nn.Module):
         def run(h):
             nonlocal calls
             calls += 1
-            return layer(h, seq if calls == 1 else seq.for_recompute())
+            return layer(h, seq.for_checkpointed() if calls == 1 else seq.for_recompute())
 
         return checkpoint(run, x, use_reentrant=False)
 

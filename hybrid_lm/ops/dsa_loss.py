@@ -260,14 +260,16 @@ def indexer_kl_dense(q, k, q_idx, k_idx, weights, *, scale=None, cu_seqlens=None
 
 
 def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_seqlens=None, attn_lse=None,
-                      block=256, backend="auto"):
+                      block=256, forward_recomputed=False, backend="auto"):
     """Stage-2 loss `mean_t KL(p_S[t] || softmax_S(I[t]))` over each query's selected keys S_t.
 
     indices [B,T,K]: selected key positions (offsets within the document with cu_seqlens); -1 pads, and entries
     not visible to t (future keys, other documents) are ignored too. Rows should hold no duplicates (top-k gives
     none). p_S is the per-head attention softmax over S_t averaged over heads; attn_lse [B,T,HQ], the sparse
     attention's natural-log sum of exp(scale * q.k) over S_t, skips recomputing it (the Triton backend needs
-    it). Memory O(block * K * D) in the reference, O(T) in the Triton backend."""
+    it). Memory O(block * K * D) in the reference, O(T) in the Triton backend. forward_recomputed: the caller's
+    forward runs again in the backward (activation checkpointing), so a backend should not do backward work in
+    the forward (the Triton backend's one-sweep gradients); the result is the same either way."""
     _check_attention(q, k, cu_seqlens, block)
     _check_indexer(q, q_idx, k_idx, weights)
     _check_indices(q, indices)
@@ -278,7 +280,8 @@ def indexer_kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale=None, cu_se
     name = resolve_backend("indexer_kl_sparse", backend, q.device, q.dtype,
                            features={"device": q.device, "attn_lse": lse is not None})
     return get_backend("indexer_kl_sparse", name)(q.detach(), k.detach(), q_idx, k_idx, weights, indices,
-                                                  scale=scale, cu_seqlens=cu_seqlens, attn_lse=lse, block=block)
+                                                  scale=scale, cu_seqlens=cu_seqlens, attn_lse=lse, block=block,
+                                                  forward_recomputed=bool(forward_recomputed))
 
 
 def _cu_list(cu_seqlens):
@@ -290,7 +293,7 @@ def _kl_dense_reference(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None, 
 
 
 def _kl_sparse_reference(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None,
-                         block=256):
+                         block=256, forward_recomputed=False):  # the reference differentiates in the backward
     return _IndexerKL.apply(q, k, q_idx, k_idx, weights, indices, attn_lse, scale, _cu_list(cu_seqlens), block)
 
 

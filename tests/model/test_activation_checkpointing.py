@@ -155,3 +155,23 @@ def test_checkpointing_only_the_first_n_blocks():
         with pytest.raises(ValueError, match="from 0 to num_hidden_layers = 4"):
             model.set_activation_checkpointing(bad)
     assert model.checkpointed_blocks() == 4  # a refused value leaves the setting as it was
+
+
+def test_a_checkpointed_forward_tells_the_indexer_kl_it_runs_twice(monkeypatch):
+    """The sparse stage's KL hears `forward_recomputed=True` in a checkpointed block's forward and in its
+    recomputation (the Triton backend then keeps the gradients out of the forward), False otherwise."""
+    torch.manual_seed(0)
+    model = tiny_model(["dsa", "attention"], torch.float64).train()
+    model.set_dsa_stage("sparse")
+    ids, cu = torch.randint(0, 97, (1, 40)), torch.tensor([0, 13, 40], dtype=torch.int32)
+    heard = []
+    real = ops.indexer_kl_sparse
+    monkeypatch.setattr(ops, "indexer_kl_sparse",
+                        lambda *a, **k: heard.append(k["forward_recomputed"]) or real(*a, **k))
+    _run(model, ids, cu)
+    assert heard == [False]
+    heard.clear()
+    model.set_activation_checkpointing(True)
+    with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+        _run(model, ids, cu)
+    assert heard == [True, True]

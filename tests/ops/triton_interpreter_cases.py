@@ -213,13 +213,20 @@ def case_kl():
                     with torch.no_grad():  # no gradients wanted: the loss alone
                         loss_ng = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
                                                               cu_seqlens=cu_t, block=32)
+                    no_grad, passes[:] = list(passes), []
+                    if name == "indexer_kl_sparse":  # a forward that checkpointing runs twice: two sweeps
+                        loss_rc = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
+                                                              cu_seqlens=cu_t, block=32, forward_recomputed=True)
+                        grads_rc = torch.autograd.grad(loss_rc, leaves)
+                        assert passes == [int(kl_kernels.LOSS), int(kl_kernels.GRADS)], (one_sweep, passes)
+                        assert max(rel_err(g, gr) for g, gr in zip(grads_rc, grads_r)) < 1e-4
                 finally:
                     kl_kernels.SPARSE_ONE_SWEEP, kl_kernels._sparse_launch = default, launch
                 if name == "indexer_kl_sparse":
                     want = [kl_kernels.LOGITS, kl_kernels.ONE_SWEEP] if one_sweep else [
                         kl_kernels.LOSS, kl_kernels.GRADS]
                     assert with_grad == [int(x) for x in want], (one_sweep, with_grad)
-                    assert passes == [int(kl_kernels.LOSS)], (one_sweep, passes)  # never gradients under no_grad
+                    assert no_grad == [int(kl_kernels.LOSS)], (one_sweep, no_grad)  # never gradients under no_grad
                 errs = [rel_err(loss, loss_r), rel_err(loss_ng, loss_r)] + [
                     rel_err(g, 3.0 * gr) for g, gr in zip(grads, grads_r)]
                 print(f"{name} cu={cu}{' one sweep' if one_sweep else ''}: loss {loss.item():.5f} vs "

@@ -57,11 +57,12 @@ def _kl_dense(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=None, block=None
     return indexer_kl_dense_triton(q, k, q_idx, k_idx, weights, scale=scale, cu_seqlens=cu_seqlens)
 
 
-def _kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None, block=None):
+def _kl_sparse(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None, block=None,
+               forward_recomputed=False):
     from .indexer_kl import indexer_kl_sparse_triton
 
     return indexer_kl_sparse_triton(q, k, q_idx, k_idx, weights, indices, scale=scale, cu_seqlens=cu_seqlens,
-                                    attn_lse=attn_lse)
+                                    attn_lse=attn_lse, forward_recomputed=forward_recomputed)
 
 
 def _needs_lse(features: dict) -> str | None:

@@ -402,8 +402,9 @@ DENSE_CONFIG = (64, 4)  # BLOCK_N, num_warps; BLOCK_M so that BLOCK_M * BLOCK_G 
 # it. Run 18 (H100, 2026-12-06, 16 heads x 128, topk 2048): forward + backward 6.51 ms against 7.76 at T = 16,384
 # and 27.29 against 31.74 at 65,536; a forward without gradients (no_grad, or no indexer input requiring grad)
 # always takes the single loss sweep (2.45 and 10.0 ms there). Under activation checkpointing a block's forward
-# runs twice, so one sweep then costs two gradient sweeps where two sweeps cost two loss sweeps and one gradient
-# sweep (by run 18's times 27-31% more for the KL alone); set it False for fully checkpointed runs.
+# runs twice, so one sweep would cost two gradient sweeps where two sweeps cost two loss sweeps and one gradient
+# sweep (by run 18's times 27-31% more for the KL alone): a forward the caller marks `forward_recomputed` (the
+# model does for its checkpointed blocks) takes two sweeps.
 SPARSE_ONE_SWEEP = True
 
 
@@ -548,15 +549,18 @@ def indexer_kl_dense_triton(q, k, q_idx, k_idx, weights, *, scale, cu_seqlens=No
     return IndexerKLFunction.apply(q, k, q_idx, k_idx, weights, None, None, doc, float(scale))
 
 
-def indexer_kl_sparse_triton(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None):
+def indexer_kl_sparse_triton(q, k, q_idx, k_idx, weights, indices, *, scale, cu_seqlens=None, attn_lse=None,
+                             forward_recomputed=False):
     """Backend entry point with `indexer_kl_sparse`'s signature (minus ``block`` and ``backend``); needs the
-    sparse attention's ``attn_lse``."""
+    sparse attention's ``attn_lse``. ``forward_recomputed`` (activation checkpointing runs the forward twice)
+    takes the two sweeps: one sweep would compute the gradients in both forwards."""
     if attn_lse is None:
         raise ValueError("indexer_kl_sparse[triton] needs attn_lse (the sparse attention's log-sum-exp)")
     q, k, q_idx, k_idx, weights = _prepare(q, k, q_idx, k_idx, weights)
     doc = _doc_starts(cu_seqlens, q.shape[1], q.device)
     indices = indices.to(torch.int32).contiguous()
     # ctx.needs_input_grad does not see no_grad: decide here whether the gradients will be wanted
-    one_sweep = SPARSE_ONE_SWEEP and torch.is_grad_enabled() and any(x.requires_grad for x in (q_idx, k_idx, weights))
+    one_sweep = (SPARSE_ONE_SWEEP and not forward_recomputed and torch.is_grad_enabled()
+                 and any(x.requires_grad for x in (q_idx, k_idx, weights)))
     return IndexerKLFunction.apply(q, k, q_idx, k_idx, weights, indices, attn_lse.detach(), doc, float(scale),
                                    one_sweep)
