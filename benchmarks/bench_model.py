@@ -176,7 +176,7 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
     flags = (("-compiled", args.compile), ("-rotary-reference", args.rotary_reference),
-             (_ckpt_suffix(args.activation_checkpointing), args.activation_checkpointing is not False),
+             (_ckpt_suffix(args.activation_checkpointing), bool(args.activation_checkpointing)),
              ("-cast-per-projection", args.cast_per_projection), ("-residual-bf16", args.residual_dtype == "bf16"))
     impl = f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + "".join(n for n, on in flags if on)
     return row(name, impl, T, fwd_ms=fwd_ms, fwdbwd_ms=step_ms, tflops=tflops, peak_mem_gb=mem,
@@ -266,6 +266,9 @@ def main(argv=None) -> list:
         prefer_rotary_kernel(False)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu --tiny for the smoke test")
+    if args.residual_dtype == "bf16" and device.type != "cuda":
+        raise SystemExit("--residual-dtype bf16 keeps the residual stream in bf16 under autocast, which this "
+                         f"benchmark turns on only on CUDA, not on {device.type}")
     peak = peak_tflops_of(device, args.peak_tflops)
     print(f"{device_name(device)}; peak bf16 {peak} TFLOPS; torch {torch.__version__}", flush=True)
     if peak is None:

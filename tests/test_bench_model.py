@@ -53,7 +53,13 @@ def test_activation_checkpointing_flag_names_the_row_and_reaches_the_model(bench
     assert logits == {False}  # the step and the forward alone both take the chunked loss, as the trainer does
     bench.main(["--device", "cpu", "--tiny", "--T", "32", "--activation-checkpointing", "1", "--out", str(out)])
     (r,) = json.loads(out.read_text())
-    assert r["impl"] == "train-bf16-sparse-ckpt1" and r["activation_checkpointing"] == 1 and seen == [True, 1]
+    assert r["impl"] == "train-bf16-sparse-ckpt1" and seen == [True, 1] and type(seen[1]) is int  # not True
+    assert type(r["activation_checkpointing"]) is int and r["activation_checkpointing"] == 1
+    bench.main(["--device", "cpu", "--tiny", "--T", "32", "--activation-checkpointing", "0", "--out", str(out)])
+    (r,) = json.loads(out.read_text())
+    assert r["impl"] == "train-bf16-sparse" and seen[2] == 0  # nothing checkpointed, nothing in the name
+    with pytest.raises(SystemExit, match="only on CUDA"):  # no autocast on the CPU: a bf16 stream would be a no-op
+        bench.main(["--device", "cpu", "--tiny", "--residual-dtype", "bf16", "--out", str(out)])
 
 
 def test_set_overrides_the_model_config_and_names_the_row(bench, tmp_path, monkeypatch):

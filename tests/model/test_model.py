@@ -236,6 +236,10 @@ def test_a_bf16_residual_stream_under_autocast(pattern, moe):
     assert abs(float(loss16 - loss32)) < 1e-3 * float(loss32)
     assert float((grads16 - grads32).norm() / grads32.norm()) < 3e-2
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the weights and their gradients stay fp32
+    widen = model.layers[0].register_forward_hook(lambda mod, args, out: out.float())  # a block returning fp32
+    step()
+    widen.remove()
+    assert seen[1][0] == torch.bfloat16  # the model casts the stream back before the next block reads it
     fp32 = step(autocast=False)  # no autocast: the setting does nothing
     assert torch.equal(fp32[0], reference[0]) and torch.equal(fp32[1], reference[1])
     with pytest.raises(ValueError, match="residual dtype"):

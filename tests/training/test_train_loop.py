@@ -74,7 +74,8 @@ def test_a_bf16_residual_stream_trains_under_bf16_autocast(write_config):
     assert trainer.raw.residual_dtype == torch.bfloat16
     result = trainer.fit()
     assert all(math.isfinite(result.losses[step]) for step in (1, 2))
-    on_cpu = load_train_config(write_config("bf16-residual-auto", max_steps=1, residual_dtype="bf16"))  # auto: fp32 here
+    on_cpu = load_train_config(write_config("bf16-residual-auto", max_steps=1, residual_dtype="bf16",
+                                            device="cpu"))  # dtype auto: no autocast on a CPU
     with pytest.raises(ValueError, match="residual_dtype: bf16 needs bf16 autocast"):
         Trainer(on_cpu)
 
