@@ -71,6 +71,21 @@ def _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_
 
 
 @triton.jit
+def _xlogx(p):
+    """p log p, 0 where p is 0 (a key the target gives no mass)."""
+    return tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+
+
+@triton.jit
+def _sparse_kl(sum_p_logp, sum_p_logit, z, lse_i):
+    """KL(p/Z || softmax(I)) = sum (p/Z) log(p/Z) - sum (p/Z) I + logsumexp(I) from the sums over the selected
+    keys; a row without keys (z = 0) contributes 0."""
+    has = z > 0
+    z_safe = tl.where(has, z, 1.0)
+    return tl.where(has, sum_p_logp / z_safe - tl.log(z_safe) - sum_p_logit / z_safe + lse_i, 0.0)
+
+
+@triton.jit
 def _sparse_logits(qi, ki_ptr, w, pos, valid, ski_t, DI: tl.constexpr, BLOCK_DI: tl.constexpr, PREC: tl.constexpr):
     """Indexer logits [BLOCK_K] (-inf where invalid), the pre-relu dots [BLOCK_HI, BLOCK_K] and the key rows."""
     di = tl.arange(0, BLOCK_DI)
@@ -137,7 +152,7 @@ def _kl_sparse_kernel(
                 p = _sparse_target(q_ptr, k_ptr, lse_ptr, pos, valid, sq_h, sk_t, sk_h, HKV, qk_scale,
                                    G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
                 z_v += p
-                p_logp += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+                p_logp += _xlogx(p)
                 p_logit += tl.where(valid, p * logits, 0.0)
             else:
                 z_v += valid.to(tl.float32)  # keys seen; Z follows from them below
@@ -148,13 +163,9 @@ def _kl_sparse_kernel(
         if PASS == LOGITS:
             z = tl.where(z > 0, G * HKV * 1.0, 0.0)
         has = z > 0
-        z_safe = tl.where(has, z, 1.0)
         lse_i = m_safe + tl.log(tl.where(l_i > 0, l_i, 1.0))
         if PASS == LOSS:
-            # KL = sum (p/Z) log(p/Z) - sum (p/Z) I + logsumexp(I); a row without keys contributes 0
-            kl = tl.where(has, tl.sum(p_logp, 0) / z_safe - tl.log(z_safe) - tl.sum(p_logit, 0) / z_safe + lse_i,
-                          0.0)
-            tl.store(KL + row, kl)
+            tl.store(KL + row, _sparse_kl(tl.sum(p_logp, 0), tl.sum(p_logit, 0), z, lse_i))
         tl.store(LSEI + row, tl.where(has, lse_i, 0.0))
         tl.store(Z + row, z)
     else:
@@ -175,7 +186,7 @@ def _kl_sparse_kernel(
                                G, BLOCK_H, D, BLOCK_D, BLOCK_K, PREC)
             logits, a, ki = _sparse_logits(qi, ki_ptr, w, pos, valid, ski_t, DI, BLOCK_DI, PREC)
             if PASS == ONE_SWEEP:
-                p_logp += tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0)
+                p_logp += _xlogx(p)
                 p_logit += tl.where(valid, p * logits, 0.0)
             d_logit = tl.where(valid, (tl.exp(logits - lse_i) - p * inv_z) * gscale, 0.0)  # [BLOCK_K]
             dw += tl.sum(d_logit[None, :] * tl.maximum(a, 0.0), 1)
@@ -187,11 +198,7 @@ def _kl_sparse_kernel(
         tl.store(DQI + row * HI * DI + j[:, None] * DI + di[None, :], dqi, mask=qi_mask)
         tl.store(DW + row * HI + j, dw, mask=jmask)
         if PASS == ONE_SWEEP:
-            has = z > 0
-            z_safe = tl.where(has, z, 1.0)
-            kl = tl.where(has, tl.sum(p_logp, 0) / z_safe - tl.log(z_safe) - tl.sum(p_logit, 0) / z_safe + lse_i,
-                          0.0)
-            tl.store(KL + row, kl)
+            tl.store(KL + row, _sparse_kl(tl.sum(p_logp, 0), tl.sum(p_logit, 0), z, lse_i))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +343,7 @@ def _kl_dense_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp(m_i - m_safe) + tl.sum(tl.exp(logits - m_safe[:, None]), 1)
             m_i = m_new
-            p_logp += tl.sum(tl.where(p > 0, p * tl.log(tl.where(p > 0, p, 1.0)), 0.0), 1)
+            p_logp += tl.sum(_xlogx(p), 1)
             p_logit += tl.sum(tl.where(vis, p * logits, 0.0), 1)
         lse_i = m_i + tl.log(tl.where(l_i > 0, l_i, 1.0))
         tl.store(KL + rows, p_logp - p_logit + lse_i, mask=tmask)
