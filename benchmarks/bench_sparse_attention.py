@@ -18,6 +18,7 @@ Baseline in the same run: cuDNN SDPA dense causal attention at the same T (forwa
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,14 @@ def dense_baseline(T, rows):
     rows.append(row("dense_attention_fwd", "cudnn-sdpa", T, fwd_ms=ms, tflops=2.0 * T * T * HQ * D / ms / 1e9))
 
 
+def fwd_bwd_ms(q, k, v, idx, scale) -> tuple[float, float]:
+    """Forward and backward ms of the sparse kernels (default configs) on these index rows."""
+    o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
+    do = torch.randn_like(o)
+    return (bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale)),
+            bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale)))
+
+
 def index_order(T, rows):
     """Same index sets, two orders within each row: by position (as generated) and shuffled (as top-k returns them,
     by score). Only the order of a row's gathers and atomic adds changes, not the work."""
@@ -93,10 +102,7 @@ def index_order(T, rows):
     shuffled = shuffled.to(torch.int32).contiguous()
     scale = D ** -0.5
     for name, ind in (("position-order", idx), ("shuffled", shuffled)):
-        o, lse = sa.sparse_attention_fwd(q, k, v, ind, None, scale)
-        do = torch.randn_like(o)
-        f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, ind, None, scale))
-        b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, ind, None, o, lse, do, None, scale))
+        f_ms, b_ms = fwd_bwd_ms(q, k, v, ind, scale)
         rows.append(row("sparse_attention_index_order", name, T, fwd_ms=f_ms, bwd_ms=b_ms, fwdbwd_ms=f_ms + b_ms, hkv=1))
     ms = bench_ms(lambda: shuffled.sort(-1))  # what sorting the rows back would cost
     rows.append(row("sparse_attention_index_order", "torch.sort(rows)", T, fwd_ms=ms, hkv=1))
@@ -112,14 +118,11 @@ def locality(T, fractions, rows):
     flops = 4.0 * T * TOPK * HQ * D
     for local in fractions:
         idx = random_causal_indices(T, TOPK, local=local).int().contiguous()
-        o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
-        do = torch.randn_like(o)
-        f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale))
-        b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale))
+        f_ms, b_ms = fwd_bwd_ms(q, k, v, idx, scale)
         rows.append(row("sparse_attention_locality", f"local={local:g}", T, fwd_ms=f_ms, bwd_ms=b_ms,
                         fwdbwd_ms=f_ms + b_ms, tflops=flops / f_ms / 1e9, hkv=1, head_dim=D, local=local))
         print(rows[-1], flush=True)
-        del idx, o, lse, do
+        del idx
     torch.cuda.empty_cache()
 
 
@@ -139,16 +142,9 @@ def mla(T, rows):
         idx = random_causal_indices(T, TOPK).int().contiguous()
         scale = D_ ** -0.5
         flops = 2.0 * T * TOPK * HQ_ * (D_ + DV_)
-        default = sa.SPLIT_HEAD_DIM
         for split in (True, False):
-            sa.SPLIT_HEAD_DIM = split
-            try:
-                f_ms = bench_ms(lambda: sa.sparse_attention_fwd(q, k, v, idx, None, scale))
-                o, lse = sa.sparse_attention_fwd(q, k, v, idx, None, scale)
-                do = torch.randn_like(o)
-                b_ms = bench_ms(lambda: sa.sparse_attention_bwd(q, k, v, idx, None, o, lse, do, None, scale))
-            finally:
-                sa.SPLIT_HEAD_DIM = default
+            with mock.patch.object(sa, "SPLIT_HEAD_DIM", split):
+                f_ms, b_ms = fwd_bwd_ms(q, k, v, idx, scale)
             rows.append(row("sparse_attention_mla", "split+shared-values" if split else "padded+separate-values", T,
                             fwd_ms=f_ms, bwd_ms=b_ms, fwdbwd_ms=f_ms + b_ms, tflops=flops / f_ms / 1e9, heads=HQ_,
                             d_qk=D_, d_v=DV_))
