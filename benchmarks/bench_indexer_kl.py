@@ -15,6 +15,7 @@ lse sweep adds 2 T^2 H D / 2 more, not counted); sparse 2 T topk (H D + HI DI). 
 from __future__ import annotations
 
 import argparse
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -62,13 +63,10 @@ def sparse_kl(T, rows, backends):
         measure(rows, "indexer_kl_sparse", b, T,
                 lambda: ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, idx, attn_lse=lse, backend=b), flops)
     if "triton" in backends:  # the other way with gradients (indexer_kl.SPARSE_ONE_SWEEP) in the same run
-        default = kl_kernels.SPARSE_ONE_SWEEP
-        kl_kernels.SPARSE_ONE_SWEEP = not default
-        try:
-            measure(rows, "indexer_kl_sparse", "triton-one-sweep" if not default else "triton-two-sweeps", T,
+        other = not kl_kernels.SPARSE_ONE_SWEEP
+        with mock.patch.object(kl_kernels, "SPARSE_ONE_SWEEP", other):
+            measure(rows, "indexer_kl_sparse", "triton-one-sweep" if other else "triton-two-sweeps", T,
                     lambda: ops.indexer_kl_sparse(q, k, q_idx, k_idx, w, idx, attn_lse=lse, backend="triton"), flops)
-        finally:
-            kl_kernels.SPARSE_ONE_SWEEP = default
 
 
 def dense_attention(T, rows):

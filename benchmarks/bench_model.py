@@ -49,6 +49,7 @@ row, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -56,6 +57,7 @@ import statistics
 import sys
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -273,13 +275,10 @@ def main(argv=None) -> list:
     print(f"{device_name(device)}; peak bf16 {peak} TFLOPS; torch {torch.__version__}", flush=True)
     if peak is None:
         print("unknown peak TFLOPS for this device: mfu stays empty (pass --peak-tflops)", flush=True)
-    cast_once = block.matmul_dtype
-    if args.cast_per_projection:  # the blocks before 2026-12-06 (fifth session): norms return the residual's dtype
-        block.matmul_dtype = lambda x: x.dtype
-    try:
+    # --cast-per-projection: the blocks before 2026-12-06 (fifth session), whose norms return the residual's dtype
+    with (mock.patch.object(block, "matmul_dtype", lambda x: x.dtype) if args.cast_per_projection
+          else contextlib.nullcontext()):
         return run_rows(configs, contexts, args, device, peak)
-    finally:
-        block.matmul_dtype = cast_once
 
 
 def run_rows(configs, contexts, args, device, peak) -> list:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -170,14 +171,10 @@ def case_kl():
         for name in ("sparse", "dense"):
             fn = getattr(kl, f"indexer_kl_{name}_triton")
             if name == "sparse":
-                default = kl.SPARSE_ONE_SWEEP
                 for one_sweep in (False, True):  # two sweeps (loss, then gradients) or logits + one sweep
-                    kl.SPARSE_ONE_SWEEP = one_sweep
-                    try:
+                    with mock.patch.object(kl, "SPARSE_ONE_SWEEP", one_sweep):
                         loss = fn(q, k, qi, ki, wi, idx, scale=D ** -0.5, attn_lse=torch.randn(1, T, HQ))
                         torch.autograd.grad(loss, [qi, ki, wi], allow_unused=True)
-                    finally:
-                        kl.SPARSE_ONE_SWEEP = default
                 continue
             else:
                 loss = fn(q, k, qi, ki, wi, scale=D ** -0.5)

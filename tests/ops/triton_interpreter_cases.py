@@ -11,6 +11,7 @@ Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary]...
 from __future__ import annotations
 
 import sys
+from unittest import mock
 
 import torch
 
@@ -200,28 +201,29 @@ def case_kl():
             loss_r = ref(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t, block=32)
             grads_r = torch.autograd.grad(loss_r, leaves)
             # the sparse stage in two sweeps (loss, then gradients) and in one (gradients in the forward)
-            default = kl_kernels.SPARSE_ONE_SWEEP
             for one_sweep in (False, True) if name == "indexer_kl_sparse" else (False,):
-                kl_kernels.SPARSE_ONE_SWEEP = one_sweep
-                launch, passes = kl_kernels._sparse_launch, []  # which sweeps run (pass_ is the 10th argument)
-                kl_kernels._sparse_launch = lambda *a, **kw: (passes.append(int(a[9])), launch(*a, **kw))[1]
-                try:
+                with mock.patch.object(kl_kernels, "SPARSE_ONE_SWEEP", one_sweep), mock.patch.object(
+                        kl_kernels, "_sparse_launch", wraps=kl_kernels._sparse_launch) as launch:
+                    def passes():  # the sweeps run since the last look (pass_ is the 10th argument)
+                        got = [int(c.args[9]) for c in launch.call_args_list]
+                        launch.reset_mock()
+                        return got
+
                     loss = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5, cu_seqlens=cu_t,
                                                        block=32)
                     grads = torch.autograd.grad(3.0 * loss, leaves)  # a scaled upstream gradient
-                    with_grad, passes[:] = list(passes), []
+                    with_grad = passes()
                     with torch.no_grad():  # no gradients wanted: the loss alone
                         loss_ng = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
                                                               cu_seqlens=cu_t, block=32)
-                    no_grad, passes[:] = list(passes), []
+                    no_grad = passes()
                     if name == "indexer_kl_sparse":  # a forward that checkpointing runs twice: two sweeps
                         loss_rc = get_backend(name, "triton")(q, k, *leaves, **extra, scale=D ** -0.5,
                                                               cu_seqlens=cu_t, block=32, forward_recomputed=True)
                         grads_rc = torch.autograd.grad(loss_rc, leaves)
-                        assert passes == [int(kl_kernels.LOSS), int(kl_kernels.GRADS)], (one_sweep, passes)
+                        recomputed = passes()
+                        assert recomputed == [int(kl_kernels.LOSS), int(kl_kernels.GRADS)], (one_sweep, recomputed)
                         assert max(rel_err(g, gr) for g, gr in zip(grads_rc, grads_r)) < 1e-4
-                finally:
-                    kl_kernels.SPARSE_ONE_SWEEP, kl_kernels._sparse_launch = default, launch
                 if name == "indexer_kl_sparse":
                     want = [kl_kernels.LOGITS, kl_kernels.ONE_SWEEP] if one_sweep else [
                         kl_kernels.LOSS, kl_kernels.GRADS]
