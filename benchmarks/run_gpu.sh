@@ -15,7 +15,7 @@ python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), '
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
-# the 350M pair at 4k/32k, the hybrid at 32k with the old per-projection casts), ONLY="compiled fla". Still open,
+# the 350M pair at 4k/32k, then also the hybrid with the old per-projection casts), ONLY="compiled fla". Still open,
 # in order of need: ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=280 FLA_MIXERS="<two of fla_simple_gla fla_retnet
 # fla_mamba2 fla_gated_deltanet>" (two calls); ONLY="model32 ckpt" (the 350M pair after the sixth session's default
 # flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k" (~6 min cold); ONLY=residual (~3 min,
@@ -41,12 +41,10 @@ if want layer16; then  # the DSA layer since the tie bound, beside flash-attn-4
     > "$OUT/layer-next.log" 2>&1)
   grep -v "^{" "$OUT/layer-next.log" | tail -8 | cut -c1-150
 fi
-if want model32; then  # the norms' single cast: the 350M pair, then the hybrid at 32k with the old casts
+if want model32; then  # the 350M pair at 4k and 32k (run 19 also timed the old casts, --cast-per-projection)
   (cd benchmarks && timeout 230 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
     --out "$OUT/model-next.json" > "$OUT/model-next.log" 2>&1)
-  (cd benchmarks && timeout 100 python3 bench_model.py --configs gdn-dsa-350m --T 32768 --cast-per-projection \
-    --out "$OUT/model-next-old.json" > "$OUT/model-next-old.log" 2>&1)
-  for f in model-next model-next-old; do grep -v "^{" "$OUT/$f.log" | grep " | " | tail -5 | cut -c1-200; done
+  grep -v "^{" "$OUT/model-next.log" | grep " | " | tail -5 | cut -c1-200
 fi
 if want locality; then  # index rows sharing their most recent keys between neighbouring queries, as trained ones do
   (cd benchmarks && timeout 120 python3 bench_sparse_attention.py --T 65536 --local 0 0.5 0.9 \
