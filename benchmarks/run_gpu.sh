@@ -16,10 +16,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, then also the hybrid with the old per-projection casts), ONLY="compiled fla". Still open,
-# in order of need: ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=480 FLA_PARALLEL=1 FLA_MIXERS="fla_simple_gla fla_retnet
-# fla_mamba2 fla_gated_deltanet" (one call); ONLY="model32 ckpt" (the 350M pair after the sixth session's default
-# flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k" (~6 min cold); ONLY=residual (~3 min,
-# after model32 on the same machine).
+# in order of need: ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=480 FLA_PARALLEL=1 FLA_MIXERS="fla_simple_gla
+# fla_retnet fla_mamba2 fla_gated_deltanet" (one call); ONLY="model32 ckpt" (the 350M pair after the sixth
+# session's default flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k" (~6 min cold);
+# ONLY=residual (~3 min, after model32 on the same machine).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
