@@ -16,10 +16,10 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k, then also the hybrid with the old per-projection casts), ONLY="compiled fla". Still open,
-# in order of need: ONLY=fla FLA_TESTS=trains_a_step FLA_TIMEOUT=480 FLA_PARALLEL=1 FLA_MIXERS="fla_simple_gla
-# fla_retnet fla_mamba2 fla_gated_deltanet" (one call); ONLY="model32 ckpt" (the 350M pair after the sixth
-# session's default flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k" (~6 min cold);
-# ONLY=residual (~3 min, after model32 on the same machine).
+# in order of need: ONLY=fla FLA_TESTS="trains_a_step packed cached" FLA_TIMEOUT=420 FLA_PARALLEL=1
+# FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet" (one call); ONLY="model32 ckpt" (the 350M
+# pair after the sixth session's default flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k"
+# (~6 min cold); ONLY=residual (~3 min, after model32 on the same machine).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -74,22 +74,27 @@ if want compiled; then
   grep -v "^{" "$OUT/model-next-compiled.log" | grep " | " | tail -4 | cut -c1-200
 fi
 if want fla; then  # every fla mixer the registry exposes, one at a time (fla compiles and autotunes on first use)
-  # FLA_TESTS narrows each mixer's tests, e.g. FLA_TESTS=trains_a_step (the first, and the longest to compile).
-  # FLA_PARALLEL=1 runs the mixers at once: fla's first-use compiles are CPU-bound (16 cores), and only correctness
-  # is checked here, so autotuning beside each other costs nothing that is reported.
+  # FLA_TESTS narrows each mixer's tests, e.g. FLA_TESTS=trains_a_step (the first, and the longest to compile), or
+  # lists several ("trains_a_step packed cached"), each its own pytest process. FLA_PARALLEL=1 runs all those
+  # processes at once: fla's first-use compiles are CPU-bound (16 cores), and only correctness is checked here, so
+  # autotuning beside each other costs nothing that is reported.
   mixers=${FLA_MIXERS:-fla_mamba2 fla_simple_gla fla_retnet fla_gated_deltanet fla_hgrn2 fla_gla fla_kda fla_deltanet}
   for m in $mixers; do
-    cmd=(timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -v -p no:cacheprovider -rfE
-      -k "$m${FLA_TESTS:+ and $FLA_TESTS}")
-    if [[ ${FLA_PARALLEL:-0} == 1 ]]; then "${cmd[@]}" > "$OUT/tests-fla-$m.log" 2>&1 &
-    else "${cmd[@]}" > "$OUT/tests-fla-$m.log" 2>&1; fi
+    for t in ${FLA_TESTS:-all}; do
+      sel=$m; [[ $t != all ]] && sel="$m and $t"
+      cmd=(timeout ${FLA_TIMEOUT:-120} python3 -m pytest tests/gpu/test_fla_mixers.py -v -p no:cacheprovider -rfE
+        -k "$sel")
+      if [[ ${FLA_PARALLEL:-0} == 1 ]]; then "${cmd[@]}" > "$OUT/tests-fla-$m-$t.log" 2>&1 &
+      else "${cmd[@]}" > "$OUT/tests-fla-$m-$t.log" 2>&1; fi
+    done
   done
   wait
   for m in $mixers; do
-    got=$(grep -E "[0-9]+ (passed|failed)" "$OUT/tests-fla-$m.log" | tail -1)
-    done_=$(grep -oE "::test_[a-z_]+\[$m\] (PASSED|FAILED)" "$OUT/tests-fla-$m.log" | sed 's/::test_//' | tr '\n' ' ')
-    echo "$m: ${got:-cut at ${FLA_TIMEOUT:-120} s} ${done_}"
+    done_=$(cat "$OUT"/tests-fla-$m-*.log | grep -oE "::test_[a-z_]+\[$m\] (PASSED|FAILED|SKIPPED)" | sed 's/::test_//' \
+      | tr '\n' ' ')
+    echo "$m: ${done_:-nothing finished within ${FLA_TIMEOUT:-120} s}"
   done
+  grep -h -E "^E |^FAILED" "$OUT"/tests-fla-*.log | cut -c1-200 | head -20
 fi
 cd benchmarks
 if want layer; then
