@@ -27,6 +27,8 @@ apart); a layer that ignores them (fla's Mamba / Mamba2, any `mode: fused_chunk`
 so no state crosses a boundary either way. Decoding: our per-layer cache dict is handed to fla as its cache for
 that layer (fla's `recurrent_state` / `conv_state` / `attn_state` entries live in it), so prefill + token-by-token
 `generate` work; Mamba and Mamba2 step one token at a time after the prefill (more raises NotImplementedError).
+`fla_simple_gla` does not train on Hopper with 3.4 <= Triton < 3.7.1 under fla <= 0.6.0 (fla refuses its gated
+backward there, issue #640); the mixer says so at the first forward that wants gradients.
 Not supported: HF export (the exported file bundles only the built-in mixers), RWKV-7 (needs the first layer's
 values passed between layers). Init: the model's generic init covers fla's Linear layers (o_proj scaled like ours);
 fla's own parameters (A_log, dt_bias, D, ...) keep fla's initialisation.
@@ -37,6 +39,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -63,18 +66,42 @@ def _mamba2_heads(model, given: dict) -> dict:
     return {"num_heads": max(1, int(expand * model.hidden_size) // head_dim)}
 
 
+def _gated_chunk_backward_refused() -> str | None:
+    """Why fla's simple GLA cannot train on this machine, or None. fla <= 0.6.0 refuses its gated `chunk_bwd_dqkwg`
+    on Hopper with 3.4 <= Triton < 3.7.1 (fla issue #640: those Tritons miscompile it), and its tilelang replacement
+    rejects simple GLA, whose backward keeps the states in fp32; fla's own error, raised only in the backward, says
+    to install tilelang even where it is installed. Read from fla's own flags; None where fla does not say."""
+    try:
+        fla, utils = importlib.import_module("fla"), importlib.import_module("fla.utils")
+        from packaging.version import Version
+        old_fla = Version(str(fla.__version__)) <= Version("0.6.0")
+    except Exception:
+        return None
+    hopper, above_3_4, above_3_7_1 = (getattr(utils, n, None) for n in
+                                       ("IS_NVIDIA_HOPPER", "TRITON_ABOVE_3_4_0", "TRITON_ABOVE_3_7_1"))
+    if not (old_fla and hopper is True and above_3_4 is True and above_3_7_1 is False):
+        return None
+    triton = getattr(sys.modules.get("triton"), "__version__", "?")  # fla imports it
+    return (f"fla {fla.__version__} refuses the gated chunked backward on Hopper GPUs with Triton {triton} "
+            f"(>= 3.4, < 3.7.1; fla issue #640), and its tilelang fallback does not cover simple GLA's fp32 states. "
+            f"Upgrade triton to >= 3.7.1, or train fla_gla (per-key gates) or fla_retnet (fixed decay), which train "
+            f"here; without gradients (evaluation, generation) this mixer runs")
+
+
 @dataclass(frozen=True)
 class FlaLayer:
     module: str
     cls: str
     defaults: Callable[[Any, dict], dict] | None = None  # derived defaults for keys the YAML leaves out
     one_token_steps: bool = False  # its cached path steps one token at a time (Mamba's selective_state_update)
+    training_refused: Callable[[], str | None] | None = None  # why its chunked backward cannot run here, or None
 
 
 FLA_LAYERS: dict[str, FlaLayer] = {
     "fla_kda": FlaLayer("fla.layers.kda", "KimiDeltaAttention", _heads_from_model),
     "fla_gla": FlaLayer("fla.layers.gla", "GatedLinearAttention"),
-    "fla_simple_gla": FlaLayer("fla.layers.simple_gla", "SimpleGatedLinearAttention"),
+    "fla_simple_gla": FlaLayer("fla.layers.simple_gla", "SimpleGatedLinearAttention",
+                               training_refused=_gated_chunk_backward_refused),
     "fla_deltanet": FlaLayer("fla.layers.delta_net", "DeltaNet"),
     "fla_gated_deltanet": FlaLayer("fla.layers.gated_deltanet", "GatedDeltaNet", _heads_from_model),
     "fla_gated_deltaproduct": FlaLayer("fla.layers.gated_deltaproduct", "GatedDeltaProduct", _heads_from_model),
@@ -237,6 +264,9 @@ class FlaMixer(Mixer):
                              f"mixers.{config.layer_types[layer_idx]}") from None
         self.varlen = _takes_cu_seqlens(cls) and kwargs.get("mode") != "fused_chunk"
         self.one_token_steps = FLA_LAYERS[name].one_token_steps
+        refused = FLA_LAYERS[name].training_refused
+        chunked = getattr(self.layer, "mode", "chunk") == "chunk"  # fused_recurrent has its own backward
+        self.training_refused = refused() if refused is not None and chunked else None
 
     def _call(self, x, cache=None, cu_seqlens=None):
         extra = {"cu_seqlens": cu_seqlens} if cu_seqlens is not None else {}
@@ -246,6 +276,8 @@ class FlaMixer(Mixer):
 
     def forward(self, x, seq, cache=None):
         _check_device(x, self.fla_name)
+        if self.training_refused and torch.is_grad_enabled() and x.requires_grad:  # before the forward's work
+            raise RuntimeError(f"mixer {self.fla_name!r} cannot train on this machine: {self.training_refused}")
         if cache is not None and self.one_token_steps and "seen_tokens" in cache and x.shape[1] != 1:
             raise NotImplementedError(f"mixer {self.fla_name!r}: fla's cached path steps one token at a time after "
                                       f"the prefill, got {x.shape[1]} tokens; feed them one by one")

@@ -187,6 +187,30 @@ def test_cached_decoding_matches_the_full_forward(fake_fla):
             model(ids[:, :2], cache=cache)
 
 
+@pytest.mark.parametrize("triton_3_7_1, fla_version, mode, refused", [
+    (False, "0.6.0", "chunk", True), (True, "0.6.0", "chunk", False), (False, "0.7.0", "chunk", False),
+    (False, "0.6.0", "fused_recurrent", False)])
+def test_simple_gla_says_it_cannot_train_where_fla_refuses_its_backward(fake_fla, monkeypatch, triton_3_7_1,
+                                                                          fla_version, mode, refused):
+    simple_gla, utils = types.ModuleType("fla.layers.simple_gla"), types.ModuleType("fla.utils")
+    simple_gla.SimpleGatedLinearAttention = FakeGLA
+    utils.IS_NVIDIA_HOPPER, utils.TRITON_ABOVE_3_4_0, utils.TRITON_ABOVE_3_7_1 = True, True, triton_3_7_1
+    monkeypatch.setitem(sys.modules, simple_gla.__name__, simple_gla)
+    monkeypatch.setitem(sys.modules, utils.__name__, utils)
+    monkeypatch.setattr(sys.modules["fla"], "__version__", fla_version, raising=False)
+    model = hybrid_lm.build_model(fla_config(["fla_simple_gla", "attention"], fla_simple_gla={"mode": mode}))
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    with torch.no_grad():  # evaluation and generation run either way
+        model(ids)
+    if refused:
+        with pytest.raises(RuntimeError, match=r"'fla_simple_gla' cannot train on this machine: fla 0\.6\.0 .*"
+                                               r"Upgrade triton to >= 3\.7\.1"):
+            model(ids, labels=ids)
+    else:
+        model(ids, labels=ids).loss.backward()
+        assert model.layers[0].mixer.layer.v_proj.weight.grad.abs().sum() > 0
+
+
 def test_cache_view_keeps_key_value_states_within_a_window():
     state = {}
     view = fla_mixers._LayerCache(3, state)
