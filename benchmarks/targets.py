@@ -41,12 +41,14 @@ WHY = {
                           "sampling + streaming + the candidates' top-k cost more than one torch.topk",
     "gdn_dsa_350m_vs_dense_32k": "with 4 KV heads the sparse kernels pad G = 4 query heads to a 16-row tile and "
                                  "gather/scatter 4x the key/value bytes of MQA; with one KV head (MQA) the six DSA "
-                                 "layers still spent ~240 ms of a 636 ms step (run 15) in the sparse backward's and the "
-                                 "indexer KL's fp32 atomic scatters, the sparse forward and the candidate pass, "
+                                 "layers still spent ~240 ms of a 636 ms step (run 15) in the sparse backward's "
+                                 "and the indexer KL's fp32 atomic scatters, the sparse forward and the candidate pass, "
                                  "more than dense-350m spends in flash-attn-4 for 6 of its 24 layers. Bound: "
                                  "flash-attn-4 is ~55% of dense-350m's 32k step (run 13 profile), so 2x leaves "
                                  "~35 ms for all 24 token mixers of the hybrid; fla's two main Gated DeltaNet "
-                                 "kernels alone took 41 ms for its 18 GDN layers (run 15)",
+                                 "kernels alone took 41 ms for its 18 GDN layers (run 15). Since the one-sweep "
+                                 "sparse KL and the narrow sparse tiles the pair ties: 567.7 vs 571.7 ms a step "
+                                 "(run 30, H100), 1.05x on an H200 (run 27)",
     "mfu_4k": "eager mode (norms, rotary, gates, the indexer's projections as separate kernels; torch.compile "
               "lifts dense-350m from 27.1% to 30.7%, run 20), GEMMs of width 768-1024, and at 4k DSA's indexer + "
               "sparse attention cost more than the dense attention they replace",
