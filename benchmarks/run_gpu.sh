@@ -15,11 +15,10 @@ python3 -c "from hybrid_lm.ops import backends as b; print('fla', b.has_fla(), '
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader
 # Parts added for what runs 14-17 left, run in the sixth session (runs 18-25, BENCHMARKS.md): ONLY="dsatests
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
-# the 350M pair at 4k/32k, then also the hybrid with the old per-projection casts), ONLY="compiled fla". Still open,
-# in order of need: ONLY=fla FLA_TESTS="trains_a_step packed cached" FLA_TIMEOUT=420 FLA_PARALLEL=1
-# FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet" (one call); ONLY="model32 ckpt" (the 350M
-# pair after the sixth session's default flips, partial checkpointing; ~5 min); ONLY="dsatests locality profile4k"
-# (~6 min cold); ONLY=residual (~3 min, after model32 on the same machine).
+# the 350M pair at 4k/32k), ONLY="compiled fla"; in the seventh (runs 26-30): ONLY=fla FLA_PARALLEL=1
+# FLA_TESTS="trains_a_step packed cached" FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet"
+# (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm). Still open: ONLY="dsatests locality profile4k"
+# (~6 min cold).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
