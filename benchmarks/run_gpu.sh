@@ -89,8 +89,8 @@ if want fla; then  # every fla mixer the registry exposes, one at a time (fla co
   done
   wait
   for m in $mixers; do
-    done_=$(cat "$OUT"/tests-fla-$m-*.log | grep -oE "::test_[a-z_]+\[$m\] (PASSED|FAILED|SKIPPED)" | sed 's/::test_//' \
-      | tr '\n' ' ')
+    done_=$(cat "$OUT"/tests-fla-$m-*.log | grep -oE "::test_[a-z_]+\[$m\] (PASSED|FAILED|SKIPPED)" \
+      | sed 's/::test_//' | tr '\n' ' ')
     echo "$m: ${done_:-nothing finished within ${FLA_TIMEOUT:-120} s}"
   done
   grep -h -E "^E |^FAILED" "$OUT"/tests-fla-*.log | cut -c1-200 | head -20
