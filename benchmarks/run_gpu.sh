@@ -17,8 +17,8 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k), ONLY="compiled fla"; in the seventh (runs 26-30): ONLY=fla FLA_PARALLEL=1
 # FLA_TESTS="trains_a_step packed cached" FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet"
-# (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm). Still open: ONLY="dsatests locality profile4k"
-# (~6 min cold).
+# (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm). Still open: ONLY=model125 (the 125M configs
+# at 32k, ~4 min), then ONLY="dsatests locality profile4k" (~6 min cold).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
@@ -44,6 +44,12 @@ if want model32; then  # the 350M pair at 4k and 32k (run 19 also timed the old 
   (cd benchmarks && timeout 230 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
     --out "$OUT/model-next.json" > "$OUT/model-next.log" 2>&1)
   grep -v "^{" "$OUT/model-next.log" | grep " | " | tail -5 | cut -c1-200
+fi
+if want model125; then  # the 125M configs at 32k (the issue's 4k/16k/32k grid; runs 16 and 22 timed 4k and 16k)
+  (cd benchmarks && timeout 300 python3 bench_model.py --configs dense-125m gdn-125m gdn-attn-125m gdn-dsa-125m \
+    dsa-125m qwen3-next-125m deepseek-v32-125m --T 32768 --budget-s 250 --out "$OUT/model-125m-32k.json" \
+    > "$OUT/model-125m-32k.log" 2>&1)
+  grep -v "^{" "$OUT/model-125m-32k.log" | grep " | " | tail -8 | cut -c1-200
 fi
 if want locality; then  # index rows sharing their most recent keys between neighbouring queries, as trained ones do
   (cd benchmarks && timeout 120 python3 bench_sparse_attention.py --T 65536 --local 0 0.5 0.9 \
