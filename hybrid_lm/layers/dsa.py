@@ -77,7 +77,8 @@ class DeepSeekSparseAttention(Attention):
         a = self.qkv(x, seq, cache, absorb=sparse)
         if self.dsa_stage == "dense_warmup":
             o = self._dense(a, seq)
-            self._warmup_loss(x, a, seq)
+            if cache is None:  # the indexer's KL is a training loss; decoding steps have no full rows to match
+                self._warmup_loss(x, a, seq)
         elif sparse:
             return self.finish(self._sparse(x, a, seq, cache), a)
         else:
@@ -104,7 +105,7 @@ class DeepSeekSparseAttention(Attention):
         indices = self.indexer.select(q_idx, k_idx, w, self.topk, seq)
         o, lse = ops.sparse_attention(a.q, a.k, a.v, indices, scale=self.scale, cu_seqlens=seq.cu_seqlens,
                                       return_lse=True, backend=self.settings.sparse_backend)
-        if self.dsa_stage == "sparse":
+        if self.dsa_stage == "sparse" and cache is None:
             kl = ops.indexer_kl_sparse(a.q.detach(), a.k.detach(), q_idx, k_idx, w, indices, scale=self.scale,
                                        cu_seqlens=seq.cu_seqlens, attn_lse=lse.detach(),
                                        forward_recomputed=seq.checkpointed)

@@ -79,6 +79,11 @@ def _absolute_indices(indices: torch.Tensor, cu_seqlens, Tk: int) -> torch.Tenso
         starts = torch.tensor(offsets[:-1], device=indices.device)
         lengths = torch.tensor([b - a for a, b in zip(offsets, offsets[1:])], device=indices.device)
         start = torch.repeat_interleave(starts, lengths)  # [T]
+        length = torch.repeat_interleave(lengths, lengths)  # [T]: each query's document length
+        if indices.numel() and bool((indices >= length[None, :, None]).any()):
+            raise ValueError("sparse_attention: with cu_seqlens, indices are offsets into the query's own document "
+                             "and must be -1 or below that document's length; an offset past it would read the "
+                             "next document")
         indices = torch.where(indices >= 0, indices + start[None, :, None], indices)
     if indices.numel() and (int(indices.min()) < -1 or int(indices.max()) >= Tk):
         raise ValueError(f"sparse_attention: indices must be -1 or in [0, {Tk}) (positions into k/v)")

@@ -39,6 +39,21 @@ def test_prefill_then_decode_equals_full_forward(pattern):
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
+def test_prefill_then_decode_equals_full_forward_in_each_dsa_training_stage(stage):
+    # a model mid-training (e.g. sampling from a checkpoint between steps) decodes as its full forward computes;
+    # the indexer's KL, a training loss over whole rows, is left out of cached steps
+    model = tiny_model(["gated_deltanet", "dsa"], torch.float64)
+    model.set_dsa_stage(stage)
+    ids = torch.randint(0, 97, (2, 20))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :11], cache=cache).logits]
+        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(11, 20)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
 def test_packed_documents_equal_separate_runs(pattern):
     model = tiny_model(pattern, torch.float64)

@@ -133,3 +133,9 @@ def test_bad_indices_raise():
         sparse_attention(q, k, v, torch.zeros(1, 4, 2))
     with pytest.raises(ValueError, match=r"\[B, Tq, K\]"):
         sparse_attention(q, k, v, torch.zeros(1, 3, 2, dtype=torch.long))
+    # packed: offsets are per document; offset 2 in the first, 2-token document would read the next one's key
+    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    inside = torch.tensor([[[0, -1], [0, 1], [0, -1], [1, 0]]])
+    assert torch.isfinite(sparse_attention(q, k, v, inside, cu_seqlens=cu)).all()
+    with pytest.raises(ValueError, match="own document"):
+        sparse_attention(q, k, v, torch.tensor([[[2, -1], [0, 1], [0, -1], [1, 0]]]), cu_seqlens=cu)
