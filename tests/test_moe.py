@@ -281,6 +281,21 @@ def test_update_moe_balance_moves_every_bias_layer_after_training_forwards_only(
         assert bias.grad is None and not bias.requires_grad
 
 
+def test_a_frozen_router_keeps_its_balance_bias():
+    # DSA's dense warm-up freezes everything but the indexers: routing must not move either
+    model = tiny_model(PATTERN, moe={**MOE, "balancing": "bias", "first_k_dense_replace": 1})
+    for block in model.layers[1:]:
+        block.mlp.gate.weight.requires_grad_(False)
+    ids = torch.randint(0, 97, (2, 16))
+    model.train()(ids, labels=ids).loss.backward()
+    model.update_moe_balance()
+    assert all(not b.mlp.gate.e_score_correction_bias.any() for b in model.layers[1:])
+    for block in model.layers[1:]:  # the frozen steps' loads were dropped, not saved for later
+        block.mlp.gate.weight.requires_grad_(True)
+    model.update_moe_balance()
+    assert all(not b.mlp.gate.e_score_correction_bias.any() for b in model.layers[1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])

@@ -241,6 +241,8 @@ class MoE(nn.Module):
         if self._pending_load is None:
             return
         load, self._pending_load = self._pending_load, None
+        if not self.gate.weight.requires_grad:  # a frozen router (DSA's dense warm-up) keeps its routing too
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # every rank must apply the same update
         bias = self.gate.e_score_correction_bias

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 import hybrid_lm
+from hybrid_lm.model.loss import next_token_targets
 from hybrid_lm.zoo import find_config
 
 __all__ = ["seed_everything", "deterministic_algorithms", "build_training_model", "configure_dsa_stage",
@@ -118,6 +119,6 @@ def autocast_context(device: torch.device, dtype: str):
 
 
 def num_predictions(batch: dict) -> int:
-    """Next-token predictions the model scores in a packed batch: one per token, minus one per segment."""
-    cu = batch["cu_seqlens"]
-    return int(cu[-1]) - (len(cu) - 1)
+    """Next-token predictions the model scores in a packed batch: one per token, minus one per segment, minus the
+    targets labelled -100 (e.g. prompts when only answers are trained on), as the model's mean loss counts them."""
+    return int((next_token_targets(batch["labels"], batch["cu_seqlens"]) != -100).sum())

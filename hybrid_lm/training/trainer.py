@@ -235,7 +235,9 @@ class Trainer:
                 out = self.model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
                                  labels=batch["labels"].to(self.device), collect_metrics=collect,
                                  return_logits=False)  # the chunked LM loss: no [B, T, V] logits in memory
-            lm, aux = out.loss.float() * (preds[i] / totals[0]), out.aux_loss.float() * (toks[i] / totals[1])
+            # a micro-batch with no scored target (all labels -100) has a 0/0 mean and zero gradients: weight 0
+            lm_mean = out.loss.float() if preds[i] else out.loss.float().nan_to_num(0.0)
+            lm, aux = lm_mean * (preds[i] / max(totals[0], 1)), out.aux_loss.float() * (toks[i] / totals[1])
             (self._objective(lm, aux) * W).backward()
             sums[:2] += torch.stack([lm.detach(), aux.detach()])
             for key, value in out.metrics.items():
@@ -322,7 +324,8 @@ class Trainer:
                     out = model(batch["input_ids"].to(self.device), cu_seqlens=batch["cu_seqlens"].to(self.device),
                                 labels=batch["labels"].to(self.device), return_logits=False)
                 n = num_predictions(batch)
-                loss_sum, count = loss_sum + out.loss.item() * n, count + n
+                if n:  # a batch with no scored target has a 0/0 mean
+                    loss_sum, count = loss_sum + out.loss.item() * n, count + n
         return loss_sum / max(count, 1)
 
     @torch.no_grad()
@@ -344,6 +347,10 @@ class Trainer:
             eval_loss = self.evaluate()
             wanted = self.cfg.sample_tokens > 0 and self.tokenizer is not None
             text = self.sample() if wanted and (self.info.is_main or self.cfg.parallel == "fsdp") else None
+        if self.cfg.parallel == "fsdp" and hasattr(self.raw, "reshard"):
+            # FSDP2 leaves the root unsharded after a no-grad forward; the optimizer state is keyed by the sharded
+            # parameters, so a save right after an eval would not find them
+            self.raw.reshard()
         if eval_loss is not None:
             self._log({"step": self.step, "tokens": self.tokens_seen, "eval_loss": eval_loss})
             self._print(f"step {self.step}: eval loss {eval_loss:.4f}")

@@ -20,8 +20,10 @@ def _losses(run_dir):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(write_config, tmp_path, parallel):
-    path = write_config(parallel, max_steps=4, parallel=parallel, save_every=2, sample_tokens=4)
-    reference = train(load_train_config(write_config("single", max_steps=4, save_every=2, sample_tokens=4)))
+    # an eval right before each save: FSDP2 must reshard after the eval's no-grad forward, or the save fails
+    settings = dict(max_steps=4, save_every=2, eval_every=2, sample_tokens=4)
+    path = write_config(parallel, parallel=parallel, **settings)
+    reference = train(load_train_config(write_config("single", **settings)))
     out = tmp_path / "two_ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -4,11 +4,14 @@ and a run leaves metrics, a plot, samples and verifiable checkpoints behind."""
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from hybrid_lm.eval.masked import MaskedBatches
 from hybrid_lm.training import Trainer, load_train_config, train
+from hybrid_lm.training.build import num_predictions
 from hybrid_lm.training import checkpoint as ckpt_io
 from hybrid_lm.training.monitor import dsa_series, plot_dsa, read_metrics
 
@@ -50,6 +53,34 @@ def test_gradient_accumulation_matches_a_big_batch(write_config):
     small = train(load_train_config(write_config("acc", batch_size=2, grad_accum=2, max_steps=3)))
     for step in (1, 2, 3):
         assert small.losses[step] == pytest.approx(big.losses[step], rel=1e-5)
+
+
+def test_masked_labels_weigh_the_same_however_a_step_is_split(write_config):
+    # answers-only labels (-100 elsewhere), with a stretch where whole micro-batches score nothing: the step's loss
+    # and update are the mean over its scored targets, whatever the micro-batch split
+    def first_step(batch_size, grad_accum):
+        trainer = Trainer(load_train_config(write_config(f"m{grad_accum}", batch_size=batch_size,
+                                                         grad_accum=grad_accum, dsa_stage="none")))
+        mask = (np.random.default_rng(0).random(len(trainer.prepared.train)) < 0.5).astype(np.uint8)
+        mask[:1000] = 0
+        trainer.batches = MaskedBatches(trainer.batches, mask)
+        stats = trainer._train_step()
+        assert stats is not None, (batch_size, grad_accum)  # not skipped as non-finite
+        return stats["lm_loss"], stats["grad_norm"]
+
+    whole = first_step(4, 1)
+    for split in ((2, 2), (1, 4)):
+        assert first_step(*split) == pytest.approx(whole, rel=1e-5), split
+
+
+def test_num_predictions_counts_only_scored_targets():
+    ids = torch.arange(10)[None]
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    assert num_predictions({"input_ids": ids, "labels": ids, "cu_seqlens": cu}) == 8  # 10 tokens, 2 documents
+    labels = ids.clone()
+    labels[0, 5:8] = -100
+    assert num_predictions({"input_ids": ids, "labels": labels, "cu_seqlens": cu}) == 5
+    assert num_predictions({"input_ids": ids, "labels": torch.full_like(ids, -100), "cu_seqlens": cu}) == 0
 
 
 def test_activation_checkpointing_trains_the_same_run(write_config):
