@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, max_shard_size: str | 
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"OUT_DIR {str(out)!r} is the source folder; export into a new folder")
     _check_out_dir(out)
-    modeling = build_modeling_source()  # before any write: a flattening error leaves no half export
+    modeling = build_modeling_source()
     model = load_model(model_dir, dtype=torch_dtype).eval()
     _check_exportable(model, modeling)
     ids = _tokenizer_ids(model_dir)
@@ -107,26 +109,47 @@ def export_hf(source: str | Path, out_dir: str | Path, *, max_shard_size: str | 
     config.architectures = ["HybridLMForCausalLM"]
     wrapper = HybridLMForCausalLM.from_native(model, config)
     wrapper.generation_config = GenerationConfig(**ids)
-    out.mkdir(parents=True, exist_ok=True)
-    wrapper.save_pretrained(out, max_shard_size=shard_bytes)  # safetensors: the default since 4.35
-    (out / "configuration_hybrid_lm.py").write_text(
-        (Path(__file__).parent / "configuration_hybrid_lm.py").read_text(encoding="utf-8"), encoding="utf-8")
-    (out / "modeling_hybrid_lm.py").write_text(modeling, encoding="utf-8")
-    copied = _copy_tokenizer(model_dir, out)
+    # written whole into a staging folder beside OUT_DIR, then moved in: a failure anywhere up to the move (a bad
+    # source, a full disk) leaves an earlier export in OUT_DIR as it was
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        wrapper.save_pretrained(staging, max_shard_size=shard_bytes)  # safetensors: the default since 4.35
+        (staging / "configuration_hybrid_lm.py").write_text(
+            (Path(__file__).parent / "configuration_hybrid_lm.py").read_text(encoding="utf-8"), encoding="utf-8")
+        (staging / "modeling_hybrid_lm.py").write_text(modeling, encoding="utf-8")
+        copied = _copy_tokenizer(model_dir, staging)
+        out.mkdir(exist_ok=True)
+        _clear_earlier_export(out)
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     log.info("exported %s -> %s (%s; tokenizer files: %s)", model_dir, out, wrapper.dtype, copied or "none")
     return out
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it, or export into a new folder") from None
+
+
 def _check_out_dir(out: Path) -> None:
-    """OUT_DIR must be new, empty or an earlier export, whose weights and tokenizer files are removed (the new
-    export may shard differently or have no tokenizer)."""
+    """OUT_DIR must be new, empty or an earlier export (replaced once the new one is written)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"OUT_DIR {str(out)!r} exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
         return
     config = out / "config.json"
-    if not config.is_file() or json.loads(config.read_text()).get("model_type") != "hybrid_lm":
+    if not config.is_file() or _read_json(config).get("model_type") != "hybrid_lm":
         raise ValueError(f"OUT_DIR {str(out)!r} is not empty and holds no earlier export; choose a new folder")
+
+
+def _clear_earlier_export(out: Path) -> None:
+    """An earlier export's weights and tokenizer files go: the new export may shard differently or have no
+    tokenizer. Its other files are overwritten by the new ones or kept."""
     for name in TOKENIZER_FILES:
         (out / name).unlink(missing_ok=True)
     for pattern in ("model*.safetensors", "model.safetensors.index.json"):
@@ -175,7 +198,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{str(hf_dir)!r} has no config.json: pass a folder written by `hybrid-lm export`")
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = _read_json(config_path).get("model_type")
     if model_type != HybridLMConfig.model_type:
         raise ValueError(f"{config_path} has model_type {model_type!r}, not {HybridLMConfig.model_type!r}: only "
                          f"folders written by `hybrid-lm export` can be imported")

@@ -241,6 +241,23 @@ def test_cli_export_and_import(tmp_path, capsys):
     assert not (tmp_path / "hf2").exists()
 
 
+def test_a_failed_export_leaves_the_earlier_export_whole(tmp_path):
+    model = tiny(["gated_deltanet", "attention"])
+    ckpt = save_checkpoint(model, tmp_path / "run")
+    with pytest.warns(UserWarning, match="no tokenizer.json"):
+        export_hf(ckpt, tmp_path / "hf", dtype="float32")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()}
+    bad = save_checkpoint(model, tmp_path / "bad")
+    weights = next(bad.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="truncated"):
+        export_hf(bad, tmp_path / "hf")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left
+    back = hybrid_lm.load_model(import_hf(tmp_path / "hf", tmp_path / "back"))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         export_hf(tmp_path / "missing", tmp_path / "out")
@@ -260,6 +277,12 @@ def test_bad_inputs(tmp_path):
         export_hf(ckpt, tmp_path / "busy")
     with pytest.raises(ValueError, match="no config.json"):
         import_hf(tmp_path / "missing", tmp_path / "back")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
+        import_hf(tmp_path / "broken", tmp_path / "back")
+    with pytest.raises(ValueError, match=r"broken/config.json is not valid JSON"):
+        export_hf(ckpt, tmp_path / "broken")
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type 'llama'"):
