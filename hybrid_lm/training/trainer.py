@@ -172,6 +172,8 @@ class Trainer:
                     self.nonfinite += 1
                     if self.nonfinite >= cfg.max_nonfinite:
                         return self._diverged(result)
+                    if self._stop and self.step > 0 and not self._saved_this_step():
+                        self._save()  # Ctrl-C during a skipped step: still a checkpoint after the last step
                     continue
                 self.nonfinite = 0
                 self.step += 1
@@ -186,7 +188,7 @@ class Trainer:
                 result.status = "stopped"
             else:
                 result.eval_loss = self._eval_and_sample()
-                if self.last_checkpoint is None or self.last_checkpoint.name != ckpt_io.step_dir_name(self.step):
+                if not self._saved_this_step():
                     self._save()
         finally:
             self._bar.close()
@@ -361,6 +363,9 @@ class Trainer:
             self.monitor.plot()
         self._reset_clock()
         return eval_loss
+
+    def _saved_this_step(self) -> bool:
+        return self.last_checkpoint is not None and self.last_checkpoint.name == ckpt_io.step_dir_name(self.step)
 
     def _save(self) -> None:
         save_training_state(self)

@@ -65,3 +65,22 @@ def test_ctrl_c_saves_after_the_step_and_resumes_exactly(write_config):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = train(load_train_config(path), resume=True)
     assert {s: resumed.losses[s] for s in (3, 4, 5)} == {s: full.losses[s] for s in (3, 4, 5)}
+
+
+class _CtrlCOnANaNCall(_CtrlCOnCall):
+    """Ctrl-C during forward call `n`, whose loss is NaN: the step it belongs to is skipped."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if self.calls == self.n:
+            out.loss = out.loss * float("nan")
+        return out
+
+
+def test_ctrl_c_during_a_skipped_step_still_saves_the_last_step(write_config):
+    trainer = Trainer(load_train_config(write_config("nan_stop", max_steps=5, sample_tokens=0)))
+    trainer.model = _CtrlCOnANaNCall(trainer.model, n=3)
+    stopped = trainer.fit()
+    assert stopped.status == "stopped" and stopped.step == 2
+    assert stopped.last_checkpoint is not None and stopped.last_checkpoint.name == "step_00000002"
+    ckpt_io.verify(stopped.last_checkpoint)
