@@ -15,7 +15,7 @@ import hybrid_lm
 from hybrid_lm.config import MoEConfig
 from hybrid_lm.layers.moe import MoE, _grouped_mm_available, moe_aux_loss, moe_experts, moe_route
 from hybrid_lm.layers.sequence import SequenceInfo
-from tests.model.helpers import tiny_config, tiny_model
+from tests.model.helpers import prefill_then_steps, tiny_config, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOE = dict(num_experts=8, num_experts_per_tok=3, moe_intermediate_size=16, num_shared_experts=1,
@@ -189,13 +189,8 @@ def test_prefill_then_decode_equals_full_forward_with_moe(balancing):
         with torch.no_grad():
             for layer in model.layers[1:]:
                 layer.mlp.gate.e_score_correction_bias.normal_(0, 0.05)
-    ids = torch.randint(0, 97, (2, 21))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.new_cache()
-        steps = [model(ids[:, :8], cache=cache).logits]
-        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(8, 21)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    full, stepped, _ = prefill_then_steps(model, torch.randint(0, 97, (2, 21)), 8)
+    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9)
 
 
 def test_packed_documents_equal_separate_runs_with_moe():

@@ -23,3 +23,15 @@ def tiny_config(layer_types, **overrides):
 def tiny_model(layer_types, dtype=None, **overrides):
     model = hybrid_lm.build_model(tiny_config(layer_types, **overrides))
     return model.to(dtype) if dtype is not None else model
+
+
+def prefill_then_steps(model, ids, prefill: int):
+    """(full-forward logits, logits of a cached prefill of `prefill` tokens then one token at a time), no grad."""
+    import torch
+
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :prefill], cache=cache).logits]
+        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(prefill, ids.shape[1])]
+    return full, torch.cat(steps, 1), cache

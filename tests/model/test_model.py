@@ -6,7 +6,7 @@ import torch
 
 import hybrid_lm
 
-from .helpers import tiny_config, tiny_model
+from .helpers import prefill_then_steps, tiny_config, tiny_model
 
 MIXERS = ["attention", "dsa", "gated_deltanet"]
 PATTERNS = [[m, m] for m in MIXERS] + [["gated_deltanet", "dsa", "gated_deltanet", "attention"]]
@@ -29,14 +29,9 @@ def test_causal(pattern):
 def test_prefill_then_decode_equals_full_forward(pattern):
     # float64 and T > index_topk (8), so the DSA layers select during both prefill and decoding
     model = tiny_model(pattern, torch.float64)
-    ids = torch.randint(0, 97, (2, 30))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.new_cache()
-        steps = [model(ids[:, :11], cache=cache).logits]
-        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(11, 30)]
+    full, stepped, cache = prefill_then_steps(model, torch.randint(0, 97, (2, 30)), 11)
     assert cache.seq_len == 30
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("stage", ["dense_warmup", "sparse"])
@@ -45,13 +40,8 @@ def test_prefill_then_decode_equals_full_forward_in_each_dsa_training_stage(stag
     # the indexer's KL, a training loss over whole rows, is left out of cached steps
     model = tiny_model(["gated_deltanet", "dsa"], torch.float64)
     model.set_dsa_stage(stage)
-    ids = torch.randint(0, 97, (2, 20))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model.new_cache()
-        steps = [model(ids[:, :11], cache=cache).logits]
-        steps += [model(ids[:, i:i + 1], cache=cache).logits for i in range(11, 20)]
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-9, atol=1e-9)
+    full, stepped, _ = prefill_then_steps(model, torch.randint(0, 97, (2, 20)), 11)
+    torch.testing.assert_close(stepped, full, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=IDS)
