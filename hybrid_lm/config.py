@@ -167,6 +167,9 @@ def _parse_mixers(raw: Any, where: str) -> tuple[dict[str, MixerConfig], dict[st
         raise ValueError(f"{where}: key 'mixers' must be a mapping of mixer name -> settings")
     mixers, aliases = {}, {}
     for name, settings in raw.items():
+        if settings is not None and not isinstance(settings, dict):
+            raise ValueError(f"{where}: key 'mixers.{name}' = {settings!r}: must be a mapping of settings "
+                             f"(e.g. `{name}: {{index_topk: 64}}`), or empty for the defaults")
         settings = dict(settings or {})
         kind = settings.pop("type", name)
         if kind not in mixer_names():
@@ -206,6 +209,11 @@ def validate_config(cfg: ModelConfig, where: str = "<config>") -> None:
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
             bad(key, getattr(cfg, key), "must be a positive integer" +
                 (" (hidden_size is not divisible by num_attention_heads: set head_dim)" if key == "head_dim" else ""))
+    if not cfg.rope_theta > 0:  # `not >` also refuses nan
+        bad("rope_theta", cfg.rope_theta, "must be > 0")
+    for key in ("rms_norm_eps", "initializer_range"):
+        if not getattr(cfg, key) >= 0:
+            bad(key, getattr(cfg, key), "must be >= 0")
     if cfg.num_attention_heads % cfg.num_key_value_heads:
         bad("num_key_value_heads", cfg.num_key_value_heads,
             f"must divide num_attention_heads = {cfg.num_attention_heads}")
@@ -222,8 +230,10 @@ def validate_config(cfg: ModelConfig, where: str = "<config>") -> None:
         cfg.moe.validate(cfg, f"{where}: moe")
 
 
-def load_config(path: str | Path) -> ModelConfig:
-    """Load a model YAML strictly; errors name the file, the key and the value."""
+def load_config(path: str | Path, overrides: dict | None = None) -> ModelConfig:
+    """Load a model YAML strictly; errors name the file, the key and the value. `overrides` (top-level keys;
+    `mixers` merged per mixer) apply to the YAML as written, so what it leaves out is derived from the new values
+    (e.g. head_dim, intermediate_size and num_key_value_heads from a new hidden_size / num_attention_heads)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model config {str(path)!r} does not exist (configs ship in model_configs/)")
@@ -231,7 +241,25 @@ def load_config(path: str | Path) -> ModelConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML: {e}") from None
-    return config_from_dict(data, str(path))
+    if overrides and isinstance(data, dict):
+        data = _merged(data, overrides)
+    return config_from_dict(data, str(path) + (" with overrides" if overrides else ""))
+
+
+def _merged(data: dict, changes: dict) -> dict:
+    """`data` with top-level `changes`; `mixers: {name: {...}}` merges into each mixer's settings."""
+    data, changes = dict(data), dict(changes)
+    mixer_changes = changes.pop("mixers", None) or {}
+    for given, other in (("layer_types", "layer_pattern"), ("layer_pattern", "layer_types")):
+        if given in changes:  # a new layer list replaces the old one in either form
+            data.pop(other, None)
+    data.update(changes)
+    mixers = dict(data.get("mixers") or {})
+    for name, settings in mixer_changes.items():
+        mixers[name] = {**(mixers.get(name) or {}), **settings}
+    if mixers:
+        data["mixers"] = mixers
+    return data
 
 
 def config_to_dict(cfg: ModelConfig) -> dict:
@@ -251,13 +279,10 @@ def save_config(cfg: ModelConfig, path: str | Path) -> None:
 
 
 def config_replace(cfg: ModelConfig, **changes) -> ModelConfig:
-    """A validated copy with top-level fields changed; `mixers={'dsa': {'index_topk': 8}}` merges settings."""
-    data = config_to_dict(cfg)
-    mixer_changes = changes.pop("mixers", {}) or {}
-    data.update(changes)
-    for name, settings in mixer_changes.items():
-        data["mixers"][name] = {**data["mixers"].get(name, {}), **settings}
-    return config_from_dict(data, "<config_replace>")
+    """A validated copy with top-level fields changed; `mixers={'dsa': {'index_topk': 8}}` merges settings.
+    Fields the original derived (head_dim, intermediate_size, num_key_value_heads, ...) keep their values here;
+    `load_config(path, overrides)` re-derives them from the YAML as written."""
+    return config_from_dict(_merged(config_to_dict(cfg), changes), "<config_replace>")
 
 
 __all__ = ["ModelConfig", "MoEConfig", "load_config", "save_config", "config_from_dict", "config_to_dict",

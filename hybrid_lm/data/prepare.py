@@ -30,6 +30,7 @@ from .config import DataConfig, PreparedData, token_dtype, unigram_entropy
 from .corpus import load_documents, source_identity, source_kind
 from .pretokenized import prepare_pretokenized
 from .tokenizer import load_tokenizer, resolve_tokenizer_file, train_bpe_tokenizer
+from ..utils.files import fsync_tree
 
 FORMAT_VERSION = 1
 _ENCODE_CHUNK = 256  # documents per encode_batch call: bounds memory, keeps both cores busy
@@ -78,6 +79,12 @@ def load_prepared(folder: Path) -> PreparedData:
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(f"{folder}: cache format {meta.get('format')} != {FORMAT_VERSION}; delete the folder")
     dtype = np.dtype(meta["dtype"])
+    for split in ("train", "val"):  # a cut file (a crash, a full disk) must not pass for a smaller corpus
+        expected = meta["stats"][f"num_{split}_tokens"] * dtype.itemsize
+        size = (folder / f"{split}.bin").stat().st_size
+        if size != expected:
+            raise ValueError(f"{folder / f'{split}.bin'} holds {size} bytes, meta.json says {expected}: the cache is "
+                             f"damaged; delete the folder and it is rebuilt")
     return PreparedData(
         train=open_tokens(folder / "train.bin", dtype), val=open_tokens(folder / "val.bin", dtype),
         tokenizer_path=folder / "tokenizer" / "tokenizer.json", vocab_size=meta["vocab_size"],
@@ -109,6 +116,7 @@ def _build_atomically(cfg: DataConfig, final: Path) -> None:
     try:
         start = time.perf_counter()
         _build(cfg, tmp)
+        fsync_tree(tmp)  # on disk before the rename makes the folder visible
         try:
             os.rename(tmp, final)
         except OSError:

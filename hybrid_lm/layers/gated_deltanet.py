@@ -49,6 +49,11 @@ class GatedDeltaNetConfig(MixerConfig):
         return h, self.num_v_heads or h, k, self.head_v_dim or k
 
     def validate(self, model, where):
+        for key in ("num_heads", "num_v_heads", "head_k_dim", "head_v_dim"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{where}.{key} = {value!r}: must be a positive integer (or left out for the "
+                                 f"model's default)")
         h, hv, k, v = self.resolved(model)
         if hv % h:
             raise ValueError(f"{where}.num_v_heads = {hv}: must be a multiple of num_heads = {h}")

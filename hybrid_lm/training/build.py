@@ -42,14 +42,14 @@ def deterministic_algorithms(device: torch.device):
 
 
 def _model_from_yaml(cfg, vocab_size: int) -> hybrid_lm.HybridLM:
-    model_cfg = hybrid_lm.load_config(find_config(cfg.model))  # a YAML path or a zoo name
     overrides = dict(cfg.model_overrides)
     # the model YAML's vocab_size is a placeholder: a fresh model takes the tokenizer's
     overrides.setdefault("vocab_size", vocab_size)
     if overrides["vocab_size"] < vocab_size:
         raise ValueError(f"model_overrides.vocab_size = {overrides['vocab_size']} is smaller than the tokenizer's "
                          f"vocabulary ({vocab_size} tokens)")
-    return hybrid_lm.build_model(hybrid_lm.config_replace(model_cfg, **overrides))
+    # applied to the YAML as written (a path or a zoo name), so sizes it leaves out follow the overridden ones
+    return hybrid_lm.build_model(hybrid_lm.load_config(find_config(cfg.model), overrides))
 
 
 def _model_from_saved(path: str, overrides: dict) -> hybrid_lm.HybridLM:

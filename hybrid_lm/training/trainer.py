@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,8 +130,10 @@ class Trainer:
         cfg = self.cfg
         if cfg.init_from is not None and cfg.data.tokenizer is None:
             saved = hybrid_lm.model.resolve_model_dir(cfg.init_from) / "tokenizer.json"
-            if saved.is_file():  # continue with the vocabulary the model was trained on
-                cfg.data.tokenizer = str(saved)
+            if not saved.is_file():  # a new tokenizer's ids would mean other tokens to the trained embeddings
+                raise ValueError(f"init_from {cfg.init_from!r} holds no tokenizer.json: set data.tokenizer to the "
+                                 f"tokenizer that model was trained with")
+            cfg.data.tokenizer = str(saved)  # continue with the vocabulary the model was trained on
         # rank 0 tokenizes first; the others then find the finished cache
         if not self.info.is_main:
             barrier(self.info)
@@ -139,6 +142,9 @@ class Trainer:
             barrier(self.info)
         if len(prepared.val) == 0 and cfg.eval_batches > 0:
             self._print("no held-out split (data.val_fraction = 0): evals are skipped")
+        elif len(prepared.val) < cfg.seq_len and cfg.eval_batches > 0:
+            warnings.warn(f"the held-out split has {len(prepared.val)} tokens, fewer than seq_len = {cfg.seq_len}: "
+                          f"evals are skipped; raise data.val_fraction or lower seq_len", stacklevel=2)
         return prepared
 
     def _open_monitor(self, resume_from: Path | None) -> Monitor:

@@ -227,3 +227,14 @@ def test_hf_source_end_to_end(tmp_path, monkeypatch):
         sorted(r["text"] for r in rows[:20])
     monkeypatch.setitem(sys.modules, "datasets", None)  # the cache is reused: no second download
     assert prepare_data(cfg).cache_path == prepared.cache_path
+
+
+def test_a_cut_cache_file_is_refused_not_reused(tmp_path):
+    corpus = tmp_path / "c.txt"
+    write_corpus(corpus)
+    cfg = DataConfig(source=str(corpus), vocab_size=300, cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg)
+    train_bin = prepared.cache_path / "train.bin"
+    train_bin.write_bytes(train_bin.read_bytes()[: train_bin.stat().st_size // 2])  # a crash or a full disk
+    with pytest.raises(ValueError, match=r"train\.bin holds .* bytes, meta\.json says .*delete the folder"):
+        prepare_data(cfg)

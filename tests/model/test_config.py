@@ -74,6 +74,12 @@ def test_alias_gives_a_mixer_a_second_setting(tmp_path):
     (dict(mixers={"gated_deltanet": {"num_heads": 3, "num_v_heads": 4}}), ["num_v_heads", "multiple"]),
     (dict(mixers={"rwkv": {}}), ["mixers.rwkv", "unknown mixer type", "gated_deltanet"]),
     (dict(hidden_size=30, head_dim=None), ["head_dim"]),
+    (dict(rope_theta=0), ["rope_theta", "> 0"]),
+    (dict(rms_norm_eps=-1e-6), ["rms_norm_eps", ">= 0"]),
+    (dict(initializer_range=-0.02), ["initializer_range", ">= 0"]),
+    (dict(mixers={"dsa": 64}), ["mixers.dsa", "64", "mapping"]),
+    (dict(mixers={"gated_deltanet": {"num_heads": -1}}), ["mixers.gated_deltanet.num_heads", "-1", "positive"]),
+    (dict(mixers={"gated_deltanet": {"head_k_dim": 0}}), ["mixers.gated_deltanet.head_k_dim", "0", "positive"]),
 ])
 def test_bad_configs_name_file_key_and_value(tmp_path, change, words):
     path = write(tmp_path, base(**change))
@@ -106,3 +112,18 @@ def test_saved_yaml_is_plain_and_complete(tmp_path):
     data = config_to_dict(cfg)
     assert set(data["mixers"]) == {"gated_deltanet", "dsa", "attention"}
     assert {f.name for f in dataclasses.fields(cfg)} - {"mixer_aliases"} == set(data)
+
+
+def test_overrides_apply_to_the_yaml_as_written(tmp_path):
+    # sizes the YAML leaves out follow the overridden ones, as if the YAML had been edited by hand
+    data = {k: v for k, v in base().items() if k not in ("head_dim", "intermediate_size", "num_key_value_heads")}
+    changes = {"hidden_size": 64, "num_attention_heads": 8, "mixers": {"dsa": {"index_topk": 4}}}
+    got = hybrid_lm.load_config(write(tmp_path, data), changes)
+    edited = {**data, "hidden_size": 64, "num_attention_heads": 8,
+              "mixers": {**data["mixers"], "dsa": {**data["mixers"]["dsa"], "index_topk": 4}}}
+    assert got == hybrid_lm.load_config(write(tmp_path, edited, "edited.yaml"))
+    assert (got.head_dim, got.num_key_value_heads, got.mixers["dsa"].index_topk) == (8, 8, 4)
+    assert got.mixers["dsa"].index_n_heads == TINY["mixers"]["dsa"]["index_n_heads"]  # merged, not replaced
+    # config_replace on a built config keeps what it derived (documented)
+    kept = hybrid_lm.config_replace(hybrid_lm.load_config(write(tmp_path, data)), hidden_size=64)
+    assert kept.intermediate_size == hybrid_lm.load_config(write(tmp_path, data)).intermediate_size

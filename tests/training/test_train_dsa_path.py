@@ -70,3 +70,12 @@ def test_init_from_with_model_overrides(write_config):
                                          model_overrides={"hidden_size": 48}))
     with pytest.raises(ValueError, match="hybrid-lm convert"):
         Trainer(bad)
+
+
+def test_init_from_a_model_without_its_tokenizer_asks_for_it(write_config, tmp_path):
+    # a freshly trained tokenizer's ids would mean other tokens to the saved embeddings
+    hybrid_lm.save_model(hybrid_lm.build_model(hybrid_lm.load_config(load_train_config(write_config()).model)),
+                         tmp_path / "bare")
+    cfg = load_train_config(write_config("bare", model=None, init_from=str(tmp_path / "bare"), max_steps=1))
+    with pytest.raises(ValueError, match="holds no tokenizer.json: set data.tokenizer"):
+        Trainer(cfg)

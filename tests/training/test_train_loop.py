@@ -73,6 +73,12 @@ def test_masked_labels_weigh_the_same_however_a_step_is_split(write_config):
         assert first_step(*split) == pytest.approx(whole, rel=1e-5), split
 
 
+def test_a_held_out_split_shorter_than_seq_len_warns_that_evals_are_skipped(write_config):
+    with pytest.warns(UserWarning, match="fewer than seq_len = 4096: evals are skipped"):
+        Trainer(load_train_config(write_config("short_val", seq_len=4096, batch_size=1, max_steps=1,
+                                               model_overrides={"max_position_embeddings": 4096})))
+
+
 def test_num_predictions_counts_only_scored_targets():
     ids = torch.arange(10)[None]
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
