@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -106,6 +107,12 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _samples_up_to(text: str, step: int) -> str:
+    """The `=== step N ===` blocks of a samples file with N <= step."""
+    blocks = re.split(r"(?m)^(?==== step \d+ ===$)", text)
+    return "".join(b for b in blocks if (m := re.match(r"=== step (\d+) ===", b)) and int(m.group(1)) <= step)
+
+
 class Monitor:
     def __init__(self, run_dir: Path, resume_step: int | None, reference: float | None, title: str,
                  tensorboard: bool = True):
@@ -119,6 +126,8 @@ class Monitor:
         self.records = kept
         if resume_step is None:
             self.samples_path.write_text("")
+        elif self.samples_path.is_file():  # as the metrics: samples after the resumed step are written again
+            self.samples_path.write_text(_samples_up_to(self.samples_path.read_text(), resume_step))
         self._file = open(self.metrics_path, "a")
         self.tb = self._open_tensorboard() if tensorboard else None
 

@@ -1,7 +1,9 @@
 """Resuming continues exactly; damaged checkpoints are detected and skipped."""
 
 import os
+import re
 import signal
+from pathlib import Path
 
 import torch
 
@@ -65,6 +67,16 @@ def test_ctrl_c_saves_after_the_step_and_resumes_exactly(write_config):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = train(load_train_config(path), resume=True)
     assert {s: resumed.losses[s] for s in (3, 4, 5)} == {s: full.losses[s] for s in (3, 4, 5)}
+
+
+def test_resume_keeps_each_sample_once(write_config):
+    path = write_config("samples", max_steps=6, eval_every=2, save_every=2, sample_tokens=4)
+    train(load_train_config(path), max_steps=5)  # samples at steps 2, 4 and the final 5; checkpoints 2, 4, 5
+    run = load_train_config(path).out_dir
+    (Path(run) / "checkpoints" / "step_00000005").rename(Path(run) / "checkpoints" / ".gone")  # resume from 4
+    train(load_train_config(path), resume=True)
+    steps = re.findall(r"^=== step (\d+) ===$", (Path(run) / "samples.txt").read_text(), flags=re.MULTILINE)
+    assert steps == ["2", "4", "6"]
 
 
 class _CtrlCOnANaNCall(_CtrlCOnCall):
