@@ -106,4 +106,6 @@ def verify_manifest(directory: str | os.PathLike, *, check_hashes: bool = True) 
             raise ValueError(f"{p}: size {size} bytes, manifest says {entry['size']}; the file is truncated "
                              "or was overwritten")
         if check_hashes and sha256_file(p) != entry["sha256"]:
-            raise ValueError(f"{p}: sha256 does not match {MANIFEST_NAME}; the file is corrupted")
+            raise ValueError(f"{p}: sha256 does not match {MANIFEST_NAME}; the file is corrupted or was changed "
+                             f"after it was saved (a saved model's settings change through model_overrides with "
+                             f"init_from, or `hybrid-lm convert`, not by editing its files)")
