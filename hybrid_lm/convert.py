@@ -29,7 +29,7 @@ from .config import ModelConfig, config_from_dict, config_to_dict
 from .layers import AttentionConfig, DSAConfig
 from .model.io import CONFIG_NAME, build_model, load_model, resolve_model_dir, save_model
 from .model.model import HybridLM
-from .utils.files import fsync_dir, fsync_tree, write_manifest
+from .utils.files import fsync_dir, fsync_tree, read_json, write_manifest
 from .utils.typed import to_dict
 
 __all__ = ["convert_checkpoint", "parse_dsa_layers", "describe_conversion", "hf_config_to_ours",
@@ -123,10 +123,7 @@ def _read_source(path: Path) -> _Source:
 
 def _read_hf(folder: Path) -> _Source:
     where = str(folder / "config.json")
-    try:
-        hf = json.loads((folder / "config.json").read_text())
-    except ValueError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+    hf = read_json(folder / "config.json")
     if isinstance(hf, dict) and hf.get("model_type") == "qwen3_next":  # hybrid GDN + attention + MoE
         from .convert_qwen3_next import read_qwen3_next
 

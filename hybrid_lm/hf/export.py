@@ -24,7 +24,7 @@ import torch
 
 from ..config import config_from_dict, config_to_dict
 from ..model.io import build_model, load_model, resolve_model_dir, save_model
-from ..utils.files import write_manifest
+from ..utils.files import read_json, write_manifest
 
 log = logging.getLogger("hybrid_lm")
 
@@ -129,13 +129,6 @@ def export_hf(source: str | Path, out_dir: str | Path, *, max_shard_size: str | 
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); restore it, or export into a new folder") from None
-
-
 def _check_out_dir(out: Path) -> None:
     """OUT_DIR must be new, empty or an earlier export (replaced once the new one is written)."""
     if out.exists() and not out.is_dir():
@@ -143,7 +136,7 @@ def _check_out_dir(out: Path) -> None:
     if not out.exists() or not any(out.iterdir()):
         return
     config = out / "config.json"
-    if not config.is_file() or _read_json(config).get("model_type") != "hybrid_lm":
+    if not config.is_file() or read_json(config).get("model_type") != "hybrid_lm":
         raise ValueError(f"OUT_DIR {str(out)!r} is not empty and holds no earlier export; choose a new folder")
 
 
@@ -198,7 +191,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{str(hf_dir)!r} has no config.json: pass a folder written by `hybrid-lm export`")
-    model_type = _read_json(config_path).get("model_type")
+    model_type = read_json(config_path).get("model_type")
     if model_type != HybridLMConfig.model_type:
         raise ValueError(f"{config_path} has model_type {model_type!r}, not {HybridLMConfig.model_type!r}: only "
                          f"folders written by `hybrid-lm export` can be imported")

@@ -55,6 +55,14 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         fsync_dir(root)
 
 
+def read_json(path: str | os.PathLike):
+    """A JSON file's content; ValueError naming the file when it is not valid JSON."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
