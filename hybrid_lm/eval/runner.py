@@ -107,6 +107,8 @@ def plan_cells(cfg: EvalConfig, model) -> tuple[list[dict], list[str]]:
     """The cells to compute, in order, and notes on what was left out."""
     cells, notes = [], []
     base = {"seed": cfg.seed}
+    if cfg.dtype != "fp32":  # bf16 autocast changes every number; fp32 is left out so cells cached before stay valid
+        base["dtype"] = cfg.dtype
     if "perplexity" in cfg.tasks:
         cells += [{"task": "perplexity", "length": L, "topk": None, "ppl_tokens": cfg.ppl_tokens, **base}
                   for L in cfg.lengths]
