@@ -1,7 +1,7 @@
 """Resumable evaluation results: each finished cell (task, length, top-k) is one JSON line, appended and flushed
 as soon as it is computed, so an interrupted evaluation loses at most the cell it was in. A cell's key holds every
-setting its number depends on (the model's weights included), so a rerun with other settings recomputes only what
-changed, and `results.json` is rebuilt from the cells each time.
+setting its number depends on (the model's weights and the held-out text included), so a rerun with other settings
+recomputes only what changed, and `results.json` is rebuilt from the cells each time.
 """
 
 from __future__ import annotations

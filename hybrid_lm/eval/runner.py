@@ -9,6 +9,7 @@ writing `OUT/results.json` and one PNG per task (`plots.py`). Lengths beyond the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from contextlib import nullcontext
@@ -192,24 +193,26 @@ def evaluate(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Pat
     if prepared.vocab_size > model.config.vocab_size:
         raise ValueError(f"the data's vocabulary ({prepared.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size}); evaluate with the tokenizer the model was trained with")
-    weights = sha256_file(model_dir / WEIGHTS_NAME)[:16]
     cells, notes = plan_cells(cfg, model)
     store = CellStore(out / "cells.jsonl")
     ctx = _Context(model, cfg, prepared, tokenizer)
-    pending = [c for c in cells if {**c, "weights": weights} not in store]
+    # a cell's numbers depend on the weights and on the held-out text (perplexity, recall filler): both are in its key
+    held_out = hashlib.sha256(np.ascontiguousarray(ctx.filler.tokens).tobytes()).hexdigest()[:16]
+    ident = {"weights": sha256_file(model_dir / WEIGHTS_NAME)[:16], "held_out": held_out}
+    pending = [c for c in cells if {**c, **ident} not in store]
     bar = tqdm(total=len(cells), initial=len(cells) - len(pending), desc=f"eval {_label(model_dir)}",
                disable=not progress, dynamic_ncols=True)
     try:
         for cell in pending:
             bar.set_postfix_str(f"{cell['task']} T={cell['length']}" + (f" k={cell['topk']}" if cell["topk"] else ""))
-            store.add({**cell, "weights": weights}, ctx.compute(cell))
+            store.add({**cell, **ident}, ctx.compute(cell))
             bar.update(1)
     except KeyboardInterrupt:
         bar.close()
         raise KeyboardInterrupt(f"evaluation interrupted; finished cells are kept in {store.path}: rerun the same "
                                 "command to resume") from None
     bar.close()
-    records = [store.get({**c, "weights": weights}) for c in cells]
+    records = [store.get({**c, **ident}) for c in cells]
     summary = _summary(model, model_dir, cfg, data_cfg, seq_len, notes, records)
     write_outputs(out, summary)
     return summary

@@ -28,3 +28,20 @@ def test_a_bf16_rerun_does_not_reuse_fp32_cells(saved_model, tmp_path, monkeypat
     counting["calls"] = 0
     evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path, progress=False)
     assert counting["calls"] == 0  # the fp32 cells are still there
+
+
+def test_other_held_out_data_does_not_reuse_cached_cells(saved_model, tmp_path, monkeypatch, data_cfg):
+    """`hybrid-lm eval CKPT --data OTHER` into the same folder evaluates on OTHER, not the cached numbers."""
+    from hybrid_lm.data import DataConfig
+
+    counting = _count(monkeypatch)
+    own = evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path, progress=False)
+    other = DataConfig(source=data_cfg.source, vocab_size=data_cfg.vocab_size, cache_dir=data_cfg.cache_dir,
+                       val_fraction=0.4)  # another held-out split: other text
+    counting["calls"] = 0
+    again = evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path, data=other, progress=False)
+    assert counting["calls"] == len(own["cells"])
+    assert again["cells"][0]["loss"] != own["cells"][0]["loss"]
+    counting["calls"] = 0
+    evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path, progress=False)
+    assert counting["calls"] == 0
