@@ -86,22 +86,23 @@ def _label(model_dir: Path) -> str:
     return model_dir.name
 
 
-def _data_config(model_dir: Path, data: DataConfig | None) -> tuple[DataConfig, int | None]:
-    """The held-out data: `data` if given, else the run's own (from the checkpoint's train_config.yaml)."""
+def _data_config(model_dir: Path, data: DataConfig | None) -> tuple[DataConfig, int | None, str | None]:
+    """The held-out data: `data` if given, else the run's own (from the checkpoint's train_config.yaml); with the
+    training length and the training data's source (None without a train_config.yaml)."""
     saved = model_dir / "train_config.yaml"
-    seq_len = None
+    seq_len = trained_on = None
     if saved.is_file():
         from ..training.config import load_train_config
 
         train_cfg = load_train_config(saved)
-        seq_len = train_cfg.seq_len
+        seq_len, trained_on = train_cfg.seq_len, train_cfg.data.source
         data = data or train_cfg.data
     if data is None:
         raise ValueError(f"{model_dir} has no train_config.yaml to name its training data; pass --data SOURCE "
                          "(e.g. shakespeare) for the held-out text")
     if data.tokenizer is None and (model_dir / "tokenizer.json").is_file():
         data.tokenizer = str(model_dir / "tokenizer.json")
-    return data, seq_len
+    return data, seq_len, trained_on
 
 
 def plan_cells(cfg: EvalConfig, model) -> tuple[list[dict], list[str]]:
@@ -179,9 +180,10 @@ def evaluate(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Pat
     cfg.validate()
     model_dir = resolve_model_dir(path)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_dir)
-    data_cfg, seq_len = _data_config(model_dir, data)
+    data_cfg, seq_len, trained_on = _data_config(model_dir, data)
     if cfg.pool_size is None:  # the MQAR pool the model trained on, so that every key and value id is a known one
-        cfg = replace(cfg, pool_size=trained_pool_size(data_cfg.source) or POOL_SIZE)
+        trained = trained_pool_size(trained_on) if trained_on is not None else None
+        cfg = replace(cfg, pool_size=trained or trained_pool_size(data_cfg.source) or POOL_SIZE)
         cfg.validate()
     prepared = prepare_data(data_cfg)
     tok_path = model_dir / "tokenizer.json" if (model_dir / "tokenizer.json").is_file() else prepared.tokenizer_path

@@ -45,3 +45,24 @@ def test_other_held_out_data_does_not_reuse_cached_cells(saved_model, tmp_path, 
     counting["calls"] = 0
     evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path, progress=False)
     assert counting["calls"] == 0
+
+
+def test_mqar_pool_follows_the_training_mix_when_other_data_is_named(saved_model, tmp_path, data_cfg):
+    """The pool is the one the model trained on (its run's recall mix), also when `--data` names the plain text."""
+    import shutil
+
+    import yaml
+
+    from hybrid_lm.eval.mix import MixConfig, write_recall_mix
+
+    mix = write_recall_mix(data_cfg, tmp_path / "mix", MixConfig(recall_fraction=0.3, tasks={"mqar": 1.0},
+                                                                  min_length=32, max_length=64, pool_size=16))
+    model = tmp_path / "model"
+    shutil.copytree(saved_model, model)
+    train_cfg = yaml.safe_load((model / "train_config.yaml").read_text())
+    train_cfg["data"] = {**train_cfg["data"], "source": str(mix.source), "val_fraction": mix.val_fraction}
+    (model / "train_config.yaml").write_text(yaml.safe_dump(train_cfg))
+    cfg = EvalConfig(**{**SMALL, "tasks": ["mqar"], "mqar_pairs": 4})
+    assert evaluate(model, cfg, out_dir=tmp_path / "a", progress=False)["settings"]["pool_size"] == 16
+    summary = evaluate(model, cfg, out_dir=tmp_path / "b", data=data_cfg, progress=False)
+    assert summary["settings"]["pool_size"] == 16
