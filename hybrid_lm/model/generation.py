@@ -13,6 +13,8 @@ def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k
         return logits.argmax(-1)
     if temperature <= 0:
         raise ValueError(f"temperature = {temperature}: must be > 0 when sampling (use do_sample=False for greedy)")
+    if top_p is not None and top_p < 0:
+        raise ValueError(f"top_p = {top_p}: must be in [0, 1] (the probability mass to sample from; None or 1: all)")
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
