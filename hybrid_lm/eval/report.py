@@ -49,8 +49,10 @@ def training_stats(run_dir: Path) -> dict:
     }
 
 
-def _kind(layer_types: list[str]) -> str:
-    kinds = set(layer_types)
+def _kind(model: dict) -> str:
+    """gdn-only / hybrid / other, from the registered mixers behind the layers (an alias such as a sliding-window
+    `local: {type: attention}` counts as its type; summaries written before `mixer_types` give the names)."""
+    kinds = set(model.get("mixer_types") or model["layer_types"])
     if kinds == {"gated_deltanet"}:
         return "gdn-only"
     if "gated_deltanet" in kinds and kinds & {"attention", "dsa"}:
@@ -64,7 +66,7 @@ MARGIN = 0.2  # "well above": every hybrid's accuracy at least this much over th
 def ordering_check(summaries: dict) -> list[str]:
     """At the longest evaluated length: are the attention / DSA hybrids well above the GDN-only models on recall?"""
     lines = []
-    kinds = {n: _kind(s["model"]["layer_types"]) for n, s in summaries.items()}
+    kinds = {n: _kind(s["model"]) for n, s in summaries.items()}
     gdn = [n for n, k in kinds.items() if k == "gdn-only"]
     hybrids = [n for n, k in kinds.items() if k == "hybrid"]
     if not gdn or not hybrids:

@@ -223,6 +223,7 @@ def evaluate(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Pat
 def _summary(model, model_dir, cfg, data_cfg, seq_len, notes, records) -> dict:
     return {
         "model": {"path": str(model_dir.resolve()), "name": model.config.name, "layer_types": model.config.layer_types,
+                  "mixer_types": [model.config.mixer_type(t) for t in model.config.layer_types],  # aliases resolved
                   "parameters": model.num_parameters(), "max_position_embeddings": model.config.max_position_embeddings,
                   "dsa_topk": dsa_topks(model) or None, "trained_seq_len": seq_len},
         "data": data_cfg.source, "settings": asdict(cfg), "notes": notes,
