@@ -13,12 +13,14 @@ Shapes: `input_ids [B, T]`, `logits [B, T, V]`, every cached tensor batch-first 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache as TransformersCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import config_from_dict
 from ..layers.sequence import GrowingBuffer
+from ..model.loss import next_token_targets
 from ..model.model import HybridLM
 from .configuration_hybrid_lm import HybridLMConfig
 
@@ -181,13 +183,26 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         _check_positions(position_ids, input_ids, cache.seq_len if cache is not None else 0)
         if output_hidden_states is None:
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
-        out = self.model(input_ids, labels=labels, cache=cache if use_cache else None,
-                         output_hidden_states=bool(output_hidden_states))
-        result = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, hidden_states=out.hidden_states,
+        # transformers' Trainer passes `num_items_in_batch` (the scored targets of every micro-batch of the step) to a
+        # forward taking **kwargs, and then does not divide the loss by the gradient-accumulation steps itself
+        num_items = kwargs.get("num_items_in_batch")
+        out = self.model(input_ids, labels=labels if num_items is None else None,
+                         cache=cache if use_cache else None, output_hidden_states=bool(output_hidden_states))
+        loss = out.loss
+        if labels is not None and num_items is not None:
+            loss = _summed_lm_loss(out.logits, labels) / num_items
+        result = CausalLMOutputWithPast(loss=loss, logits=out.logits, hidden_states=out.hidden_states,
                                         **{_CACHE_FIELD: cache if use_cache else None})
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
+
+
+def _summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The next-token cross-entropy summed (not averaged) over the scored targets, as the native loss scores them."""
+    targets = next_token_targets(labels)[:, :-1]  # [B, T-1]: position t predicts token t+1
+    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                           reduction="sum")
 
 
 def _check_unpadded(attention_mask, input_ids) -> None:
