@@ -36,6 +36,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample
     Rows that emit `eos_token_id` keep emitting it until all rows are done."""
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be [batch, tokens] with at least one token, got {list(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
     limit = model.config.max_position_embeddings
     if input_ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
