@@ -24,7 +24,7 @@ import torch
 
 from ..config import config_from_dict, config_to_dict
 from ..model.io import build_model, load_model, resolve_model_dir, save_model
-from ..utils.files import read_json, write_manifest
+from ..utils.files import fsync_dir, fsync_tree, read_json, write_manifest
 
 log = logging.getLogger("hybrid_lm")
 
@@ -195,6 +195,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if model_type != HybridLMConfig.model_type:
         raise ValueError(f"{config_path} has model_type {model_type!r}, not {HybridLMConfig.model_type!r}: only "
                          f"folders written by `hybrid-lm export` can be imported")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"OUT {str(out)!r} exists and is not empty; import into a new (or empty) folder")
     native = HybridLMConfig.from_pretrained(str(hf_dir)).to_native_dict()
     config = config_from_dict(native, str(config_path))
     state = _read_state_dict(hf_dir)
@@ -210,9 +212,19 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: weights do not match config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    save_model(model, out)
-    _copy_tokenizer(hf_dir, out)
-    write_manifest(out)  # last, so load_model trusts the folder only once every file is in place
+    # written whole into a staging folder beside OUT, then renamed: a failure leaves no half-written OUT
+    staging = out.resolve().with_name(f".{out.name}.import-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_model(model, staging)
+        _copy_tokenizer(hf_dir, staging)
+        write_manifest(staging)  # last, so load_model trusts the folder only once every file is in place
+        fsync_tree(staging)
+        os.replace(staging, out)  # an empty OUT is replaced
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(out.resolve().parent)
     return out
 
 
