@@ -18,6 +18,7 @@ Weights keep their stored shapes: embeddings `[V, C]`, projections `[out, in]`, 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from safetensors.torch import save_file
 from .config import ModelConfig, config_from_dict
 from .layers import DSAConfig
 from .model.io import load_model, resolve_model_dir
+from .utils.files import fsync_dir, fsync_tree
 
 __all__ = ["DEEPSEEK_V32_MODEL_TYPE", "deepseek_v32_config_to_ours", "deepseek_v32_state_to_ours",
            "read_deepseek_v32", "ours_to_deepseek_v32_config", "ours_to_deepseek_v32_state", "export_deepseek_v32"]
@@ -288,7 +290,7 @@ def export_deepseek_v32(src: str | Path, out: str | Path, dtype: torch.dtype | N
     """Write the model at `src` (run, checkpoint or saved-model folder) as a transformers DeepSeek-V3.2 folder
     (config.json, model.safetensors, tokenizer files), loadable by `DeepseekV32ForCausalLM.from_pretrained`.
     `dtype` None keeps the checkpoint's; `force` replaces a non-empty `out`."""
-    from .convert import TOKENIZER_FILES
+    from .convert import TOKENIZER_FILES, _check_out, _replace_dir  # convert imports this module lazily
 
     out = Path(out)
     model_dir = resolve_model_dir(src)
@@ -296,15 +298,26 @@ def export_deepseek_v32(src: str | Path, out: str | Path, dtype: torch.dtype | N
         raise ValueError(f"output {str(out)!r} exists and is not an empty folder; choose a new OUT_DIR")
     if out.resolve() == model_dir.resolve():
         raise ValueError(f"output {str(out)!r} is the source folder; export into a new folder")
+    _check_out(model_dir, out, force)  # with force, OUT must still not hold the source
     model = load_model(model_dir, dtype=dtype)
     hf = ours_to_deepseek_v32_config(model.config, str(model_dir / "config.yaml"))
     state = ours_to_deepseek_v32_state(model.state_dict(), model.config)
     hf["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    for name in TOKENIZER_FILES:
-        if (model_dir / name).is_file():
-            shutil.copy2(model_dir / name, out / name)
+    # written whole beside OUT, then renamed in: a failure leaves an earlier export in OUT as it was
+    tmp = out.resolve().with_name(f"{out.resolve().name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp.mkdir()
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (model_dir / name).is_file():
+                shutil.copy2(model_dir / name, tmp / name)
+        fsync_tree(tmp)
+        _replace_dir(tmp, out.resolve(), force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(out.resolve().parent)
     return out
