@@ -180,8 +180,13 @@ def hf_config_to_ours(hf: dict, where: str = "config.json", name: str = "") -> M
     """Our ModelConfig (every layer `attention`) for a Hugging Face Llama / Qwen2 / Qwen3 config.json dict.
     Refuses, naming the key, what the model zoo cannot reproduce exactly."""
     model_type = hf.get("model_type")
+    if model_type == "hybrid_lm":
+        raise ValueError(f"{where}: a folder written by `hybrid-lm export`; run `hybrid-lm import` on it first and "
+                         f"convert the native folder that writes")
     if model_type not in HF_MODEL_TYPES:
-        _refuse(where, "model_type", model_type, f"unsupported model type (supported: {', '.join(HF_MODEL_TYPES)})")
+        supported = "/".join(HF_MODEL_TYPES + ("qwen3_next", "deepseek_v32"))  # the last two: their own modules
+        raise ValueError(f"{where}: key 'model_type' = {model_type!r}: unsupported model type; hybrid-lm convert "
+                         f"reads Hugging Face {supported} models")
     archs = hf.get("architectures") or []
     if any(not a.endswith("ForCausalLM") for a in archs):
         _refuse(where, "architectures", archs, "only *ForCausalLM checkpoints can be converted")
