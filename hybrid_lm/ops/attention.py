@@ -24,6 +24,7 @@ from .backends import (
     has_flash_attn,
     register_backend,
     resolve_backend,
+    without_autocast,
 )
 
 __all__ = ["attention"]
@@ -136,6 +137,7 @@ def _reference_dense(q, k, v, *, causal, scale, window):
     return torch.cat(outs, dim=1)
 
 
+@without_autocast
 def _attention_reference(q, k, v, *, causal, scale, window, cu_seqlens):
     kw = dict(causal=causal, scale=scale, window=window)
     if cu_seqlens is not None:

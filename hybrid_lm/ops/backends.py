@@ -39,6 +39,7 @@ __all__ = [
     "list_backends",
     "compute_dtype",
     "check_cu_seqlens",
+    "without_autocast",
 ]
 
 logger = logging.getLogger("hybrid_lm")
@@ -215,6 +216,18 @@ def _log_once(op: str, name: str, device: torch.device, skipped_because: str | N
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype the references compute in: fp32, or fp64 for fp64 inputs (so gradchecks stay exact)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a reference with autocast off on its first argument's device: it casts to `compute_dtype` itself, and a
+    bf16 autocast (a CPU bf16 step, or a GPU without the fast backend) would redo its einsums/matmuls in bf16."""
+
+    @functools.wraps(fn)
+    def wrapped(x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return wrapped
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, op: str) -> list[int]:

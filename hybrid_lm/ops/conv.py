@@ -16,7 +16,15 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from .backends import check_cu_seqlens, compute_dtype, get_backend, has_fla, register_backend, resolve_backend
+from .backends import (
+    check_cu_seqlens,
+    compute_dtype,
+    get_backend,
+    has_fla,
+    register_backend,
+    resolve_backend,
+    without_autocast,
+)
 
 __all__ = ["causal_conv1d"]
 
@@ -112,6 +120,7 @@ def _conv_packed(x, weight, bias, activation, initial_state, output_final_state,
     return _finish(y[None], bias, activation, x.dtype), final
 
 
+@without_autocast
 def _conv_reference(x, weight, bias, *, activation, cu_seqlens, initial_state, output_final_state):
     if cu_seqlens is None:
         return _conv_batched(x, weight, bias, activation, initial_state, output_final_state)

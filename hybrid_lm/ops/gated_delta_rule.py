@@ -35,6 +35,7 @@ from .backends import (
     has_fla,
     register_backend,
     resolve_backend,
+    without_autocast,
 )
 
 __all__ = ["gated_delta_rule"]
@@ -115,6 +116,7 @@ def _recurrent_loop(q, k, v, g, beta, scale, state):
     return o, state
 
 
+@without_autocast
 def _gdr_recurrent(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
     out_dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)
@@ -192,6 +194,7 @@ def _intra_chunk(q, k, v, g, beta, scale):
     return q_dec, w, u, qk, k_end, g_end
 
 
+@without_autocast
 def _gdr_chunked(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, use_qk_l2norm):
     out_dtype = q.dtype
     q, k, v, g, beta = _prepare(q, k, v, g, beta, use_qk_l2norm)

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .backends import check_cu_seqlens, compute_dtype, get_backend, register_backend, resolve_backend
+from .backends import (
+    check_cu_seqlens,
+    compute_dtype,
+    get_backend,
+    register_backend,
+    resolve_backend,
+    without_autocast,
+)
 
 __all__ = ["lightning_indexer_scores", "lightning_indexer_topk", "position_order"]
 
@@ -53,6 +60,7 @@ def _document_ids(offsets: list[int], device) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
 
 
+@without_autocast
 def lightning_indexer_scores(q_idx, k_idx, weights, *, cu_seqlens=None):
     """Full index scores ``[B, Tq, Tk]`` in fp32 (fp64 for fp64 inputs), ``-inf`` where not visible.
 
@@ -125,6 +133,7 @@ def _topk_dense(q_idx, k_idx, weights, topk: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+@without_autocast
 def _topk_reference(q_idx, k_idx, weights, topk, *, cu_seqlens=None):
     if cu_seqlens is None:
         return _topk_dense(q_idx, k_idx, weights, topk)

@@ -17,7 +17,14 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .backends import check_cu_seqlens, compute_dtype, get_backend, register_backend, resolve_backend
+from .backends import (
+    check_cu_seqlens,
+    compute_dtype,
+    get_backend,
+    register_backend,
+    resolve_backend,
+    without_autocast,
+)
 
 __all__ = ["sparse_attention"]
 
@@ -114,6 +121,7 @@ def _gather_block(qc, k, v, idx, scale):
     return o.to(qc.dtype), lse.reshape(B, c, HQ)
 
 
+@without_autocast
 def _sparse_reference(q, k, v, indices, *, scale, cu_seqlens=None, return_lse=False):
     B, Tq, HQ, D = q.shape
     Tk, HKV, DV = k.shape[1], k.shape[2], v.shape[-1]
