@@ -59,6 +59,11 @@ class GrowingBuffer:
     def append(self, new: torch.Tensor) -> torch.Tensor:
         """Append `new [B, t, ...]`; return a view of everything so far `[B, L + t, ...]`."""
         need = self.length + new.shape[1]
+        if torch.is_grad_enabled() and (new.requires_grad or (self.data is not None and self.data.requires_grad)):
+            # recording gradients: an in-place write would change keys an earlier step's graph saved; concatenate
+            self.data = new if self.data is None else torch.cat([self.data[:, : self.length], new], dim=1)
+            self.length = need
+            return self.data
         if self.data is None or need > self.data.shape[1]:
             cap = max(need, 2 * (self.data.shape[1] if self.data is not None else 0), 64)
             grown = new.new_empty((new.shape[0], cap, *new.shape[2:]))
