@@ -6,6 +6,9 @@ package modules to make the self-contained `modeling_hybrid_lm.py` that `AutoMod
 trust_remote_code=True)` loads. Decoding takes the native code path: generate() feeds only the new tokens and each
 mixer extends its own state (KV for attention, KV + index keys for DSA, conv + recurrent states for Gated DeltaNet).
 Left-padded batches are refused (the ops take no padding mask); positions come from the cache, as natively.
+Fine-tuning (e.g. transformers' Trainer): in train mode `loss` is the native trainer's objective, the LM loss plus
+the blocks' auxiliary losses (the MoE balance loss), in eval mode the LM loss alone; `num_items_in_batch` is honoured,
+and activation checkpointing switches the native model's own (`set_activation_checkpointing`).
 
 Shapes: `input_ids [B, T]`, `logits [B, T, V]`, every cached tensor batch-first `[B, ...]`.
 """
@@ -115,7 +118,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
     _no_split_modules = ["Block"]
     _tied_weights_keys = {"model.lm_head.weight": "model.embed_tokens.weight"}
     _is_stateful = True  # recurrent states cannot be rewound: no assisted decoding
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: HybridLMConfig):
         super().__init__(config)
@@ -145,6 +148,17 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
             if candidate is module:
                 self.model.init_module(name, module)
                 return
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None,
+                                    every_n_layers: int = 1) -> None:
+        # transformers' activation_checkpointing_enable() (Trainer's gradient_checkpointing=True) lands here. The
+        # native model checkpoints its own blocks (non-reentrant torch.utils.checkpoint that reports the blocks' aux
+        # losses once), so gradient_checkpointing_func and its kwargs are not used
+        if enable and every_n_layers != 1:
+            raise ValueError(f"every_n_layers={every_n_layers} is not supported: HybridLM checkpoints every block, or "
+                             f"the first n blocks with model.model.set_activation_checkpointing(n)")
+        self.model.set_activation_checkpointing(bool(enable))
+        self.gradient_checkpointing = bool(enable)  # what transformers' is_activation_checkpointing reads
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -191,6 +205,11 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         loss = out.loss
         if labels is not None and num_items is not None:
             loss = _summed_lm_loss(out.logits, labels) / num_items
+        if labels is not None and self.training and out.aux_loss is not None:
+            # the native trainer's objective: the LM loss plus the blocks' auxiliary losses (the MoE balance loss),
+            # each micro-batch's share weighted by its scored targets when the Trainer counts them for the step
+            share = 1.0 if num_items is None else (next_token_targets(labels)[:, :-1] != -100).sum() / num_items
+            loss = loss + out.aux_loss * share
         result = CausalLMOutputWithPast(loss=loss, logits=out.logits, hidden_states=out.hidden_states,
                                         **{_CACHE_FIELD: cache if use_cache else None})
         if return_dict is None:
