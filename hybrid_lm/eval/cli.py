@@ -21,7 +21,8 @@ def add_eval_parser(subparsers) -> None:
     p.add_argument("--ppl-tokens", type=int, default=d.ppl_tokens, help="held-out tokens per perplexity length")
     p.add_argument("--topks", nargs="+", type=int, default=d.topks, help="DSA keys per query to sweep")
     p.add_argument("--topk-lengths", nargs="+", type=int, help="lengths of the top-k sweep (default: the longest)")
-    p.add_argument("--data", help="held-out data source (default: the run's training data), e.g. shakespeare")
+    p.add_argument("--data", help="held-out data source, e.g. shakespeare (default: the run's training data; naming "
+                   "that corpus keeps the run's own held-out split)")
     p.add_argument("--out", help="output folder (default: RUN/eval/step_XXXXXXXX)")
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per forward pass")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -31,16 +32,14 @@ def add_eval_parser(subparsers) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..data import DataConfig
     from .runner import evaluate, summary_table
 
     cfg = EvalConfig(tasks=list(args.tasks), lengths=list(args.lengths), samples=args.samples,
                      mqar_pairs=args.mqar_pairs, ppl_tokens=args.ppl_tokens, topks=list(args.topks),
                      topk_lengths=args.topk_lengths, batch_tokens=args.batch_tokens, seed=args.seed,
                      device=args.device, dtype=args.dtype)
-    data = DataConfig(source=args.data) if args.data else None
-    try:
-        summary = evaluate(args.path, cfg, out_dir=args.out, data=data)
+    try:  # a bare source: the run's own data settings when it names the corpus the run trained on
+        summary = evaluate(args.path, cfg, out_dir=args.out, data=args.data or None)
     except KeyboardInterrupt as e:
         print(f"\n{e}")
         return 130

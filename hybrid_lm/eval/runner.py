@@ -86,23 +86,31 @@ def _label(model_dir: Path) -> str:
     return model_dir.name
 
 
-def _data_config(model_dir: Path, data: DataConfig | None) -> tuple[DataConfig, int | None, str | None]:
+def _data_config(model_dir: Path, data: DataConfig | str | None) -> tuple[DataConfig, int | None, str | None]:
     """The held-out data: `data` if given, else the run's own (from the checkpoint's train_config.yaml); with the
-    training length and the training data's source (None without a train_config.yaml)."""
+    training length and the training data's source (None without a train_config.yaml). A bare source (`--data
+    SOURCE`) naming the corpus the run trained on takes the run's data settings, so that its held-out split (the
+    `val_fraction` and `seed` that chose it) holds no document the model trained on; another source takes defaults."""
     saved = model_dir / "train_config.yaml"
-    seq_len = trained_on = None
+    seq_len = trained_on = train_data = None
     if saved.is_file():
         from ..training.config import load_train_config
 
         train_cfg = load_train_config(saved)
-        seq_len, trained_on = train_cfg.seq_len, train_cfg.data.source
-        data = data or train_cfg.data
+        seq_len, trained_on, train_data = train_cfg.seq_len, train_cfg.data.source, train_cfg.data
+    if isinstance(data, str):
+        data = train_data if train_data is not None and _same_source(data, train_data.source) else DataConfig(data)
+    data = data or train_data
     if data is None:
         raise ValueError(f"{model_dir} has no train_config.yaml to name its training data; pass --data SOURCE "
                          "(e.g. shakespeare) for the held-out text")
     if data.tokenizer is None and (model_dir / "tokenizer.json").is_file():
         data.tokenizer = str(model_dir / "tokenizer.json")
     return data, seq_len, trained_on
+
+
+def _same_source(a: str, b: str) -> bool:
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def plan_cells(cfg: EvalConfig, model) -> tuple[list[dict], list[str]]:
@@ -174,8 +182,9 @@ class _Context:
 
 
 def evaluate(path: str | Path, cfg: EvalConfig | None = None, out_dir: str | Path | None = None,
-             data: DataConfig | None = None, progress: bool = True) -> dict:
-    """Evaluate a run / checkpoint / saved model; returns the summary also written to OUT/results.json."""
+             data: DataConfig | str | None = None, progress: bool = True) -> dict:
+    """Evaluate a run / checkpoint / saved model; returns the summary also written to OUT/results.json. `data`: the
+    held-out text, a `DataConfig` or a bare source (see `_data_config`); None: the run's own."""
     cfg = cfg or EvalConfig()
     cfg.validate()
     model_dir = resolve_model_dir(path)

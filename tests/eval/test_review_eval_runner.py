@@ -66,3 +66,17 @@ def test_mqar_pool_follows_the_training_mix_when_other_data_is_named(saved_model
     assert evaluate(model, cfg, out_dir=tmp_path / "a", progress=False)["settings"]["pool_size"] == 16
     summary = evaluate(model, cfg, out_dir=tmp_path / "b", data=data_cfg, progress=False)
     assert summary["settings"]["pool_size"] == 16
+
+
+def test_data_naming_the_training_corpus_keeps_the_runs_held_out_split(saved_model, tmp_path, data_cfg):
+    """`hybrid-lm eval CKPT --data SOURCE` with the run's own corpus evaluates on the run's held-out documents
+    (its val_fraction 0.15 and seed), not on a default 5% split that can hold documents the model trained on."""
+    from hybrid_lm.eval.runner import _data_config
+
+    data, _, _ = _data_config(saved_model, data_cfg.source)
+    assert data.val_fraction == data_cfg.val_fraction and data.seed == data_cfg.seed
+    own = evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path / "a", progress=False)
+    named = evaluate(saved_model, EvalConfig(**SMALL), out_dir=tmp_path / "b", data=data_cfg.source, progress=False)
+    assert named["cells"][0]["loss"] == own["cells"][0]["loss"]
+    other, _, _ = _data_config(saved_model, "shakespeare")  # another corpus: its own defaults
+    assert other.source == "shakespeare" and other.val_fraction == 0.05
