@@ -44,18 +44,20 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, do_sample
                          f"max_position_embeddings = {limit}")
     was_training = model.training
     model.eval()
-    cache = model.new_cache()
-    out = [input_ids]
-    logits = model(input_ids, cache=cache).logits[:, -1]
-    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for step in range(max_new_tokens):
-        token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            token = token.masked_fill(done, eos_token_id)
-            done |= token == eos_token_id
-        out.append(token[:, None])
-        if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
-            break
-        logits = model(token[:, None], cache=cache).logits[:, -1]
-    model.train(was_training)
+    try:  # the caller's mode comes back also when decoding is interrupted (Ctrl-C) or fails
+        cache = model.new_cache()
+        out = [input_ids]
+        logits = model(input_ids, cache=cache).logits[:, -1]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            logits = model(token[:, None], cache=cache).logits[:, -1]
+    finally:
+        model.train(was_training)
     return torch.cat(out, dim=1)

@@ -20,3 +20,19 @@ def test_negative_max_new_tokens_is_a_value_error_not_the_prompt_back():
     with pytest.raises(ValueError, match="max_new_tokens = -3"):
         model.generate(prompt, max_new_tokens=-3)
     assert torch.equal(model.generate(prompt, max_new_tokens=0), prompt)
+
+
+def test_an_interrupted_generate_gives_back_the_callers_train_mode():
+    model = tiny_model(["attention"]).train()
+    forward, calls = model.forward, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second decoding step
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    model.forward = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        model.generate(torch.randint(0, 97, (1, 4)), max_new_tokens=5)
+    assert model.training
