@@ -57,6 +57,9 @@ class EvalConfig:
             values = getattr(self, name)
             if not values or any(v < 1 for v in values):
                 raise ValueError(f"{where}.{name} = {values}: need a non-empty list of positive integers")
+        if "perplexity" in self.tasks and min(self.lengths) < 2:
+            raise ValueError(f"{where}.lengths = {self.lengths}: perplexity needs windows of at least 2 tokens (one "
+                             "to predict from, one to score)")
         if self.topk_lengths is not None and any(v < 1 for v in self.topk_lengths):
             raise ValueError(f"{where}.topk_lengths = {self.topk_lengths}: need positive integers")
         for name in ("samples", "mqar_pairs", "ppl_tokens", "batch_tokens"):

@@ -80,3 +80,11 @@ def test_data_naming_the_training_corpus_keeps_the_runs_held_out_split(saved_mod
     assert named["cells"][0]["loss"] == own["cells"][0]["loss"]
     other, _, _ = _data_config(saved_model, "shakespeare")  # another corpus: its own defaults
     assert other.source == "shakespeare" and other.val_fraction == 0.05
+
+
+def test_perplexity_windows_of_one_token_are_refused_by_name():
+    import pytest
+
+    with pytest.raises(ValueError, match="lengths = \\[1, 64\\]: perplexity needs windows of at least 2"):
+        EvalConfig(**{**SMALL, "lengths": [1, 64]}).validate()
+    EvalConfig(**{**SMALL, "tasks": ["passkey"], "lengths": [1]}).validate()  # only perplexity needs two tokens
