@@ -1,4 +1,4 @@
-"""Review checks of `generate` / `sample_next`: bad sampling settings are named, not a torch error."""
+"""`generate` / `sample_next`: bad sampling settings are named, not a torch error."""
 
 import pytest
 import torch

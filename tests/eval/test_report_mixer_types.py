@@ -1,4 +1,4 @@
-"""Review checks of the comparison report: models are classified by the mixers behind their layer names."""
+"""The comparison report: models are classified by the mixers behind their layer names."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Layer-level review checks: gradients through a decoding cache (a prefix fed in steps, e.g. scoring a continuation
+"""Gradients through a decoding cache (a prefix fed in steps, e.g. scoring a continuation
 with gradients on) equal those of one full forward for every built-in mixer; in-place cache appends used to break
 the backward of attention and DSA layers ("modified by an inplace operation")."""
 

@@ -1,4 +1,4 @@
-"""Review checks of `evaluate`'s cached cells: a cell computed under other settings is never reused."""
+"""`evaluate`'s settings: a cached cell computed under other settings is never reused; held-out data and lengths."""
 
 from hybrid_lm.eval import runner
 from hybrid_lm.eval.runner import EvalConfig, evaluate
