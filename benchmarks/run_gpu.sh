@@ -17,8 +17,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # kernels" (the DSA kernel tests, the 350M DSA shape, the KL both ways), ONLY="layer16 model32" (the layer at 16k/64k,
 # the 350M pair at 4k/32k), ONLY="compiled fla"; in the seventh (runs 26-30): ONLY=fla FLA_PARALLEL=1
 # FLA_TESTS="trains_a_step packed cached" FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet"
-# (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm). Still open: ONLY=model125 (the 125M configs
-# at 32k, ~4 min), then ONLY="dsatests locality profile4k" (~6 min cold).
+# (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm); in the eighth (runs 31-33, an H200):
+# ONLY="model125 locality" (300 s; deepseek-v32-125m went over model125's budget and ran alone next),
+# ONLY="dsatests profile4k" (~4 min warm).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
