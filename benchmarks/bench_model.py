@@ -40,6 +40,8 @@ in bf16 under autocast, as `residual_dtype: bf16` in a training config does (row
 Rotary embeddings go through the Triton kernel (ops.rotary's "auto" on CUDA); `--rotary-reference` routes them
 through the fp32 PyTorch reference instead (the default before 2026-12-06 run 11; rows then end in
 `-rotary-reference`, and rows of runs 10-11 ending in `-rotary-kernel` used the kernel when it was opt-in).
+RMSNorm goes through torch's F.rms_norm; `--rms-norm-kernel` routes it through the Triton kernel that writes the
+matmul dtype directly (rows end in `-rms-norm-kernel`).
 
 A row that fails (out of memory, a missing kernel) is recorded with its error in `note` and the run goes on; rows
 left when the `--budget-s` wall-clock budget is spent are recorded as skipped. The JSON is rewritten after every
@@ -178,6 +180,7 @@ def measure(name: str, T: int, args, device, peak: float | None) -> dict:
         for k, ms, share in prof:
             print(f"  {ms:9.3f} {100 * share:5.1f}%  {k}")
     flags = (("-compiled", args.compile), ("-rotary-reference", args.rotary_reference),
+             ("-rms-norm-kernel", args.rms_norm_kernel),
              (_ckpt_suffix(args.activation_checkpointing), bool(args.activation_checkpointing)),
              ("-cast-per-projection", args.cast_per_projection), ("-residual-bf16", args.residual_dtype == "bf16"))
     impl = f"train-bf16-{stage}" + "".join(f"-{item}" for item in args.set) + "".join(n for n, on in flags if on)
@@ -238,6 +241,8 @@ def main(argv=None) -> list:
     ap.add_argument("--activation-checkpointing", nargs="?", const=True, default=False, type=int, metavar="N",
                     help="recompute each block's activations in the backward (rows end in -ckpt), or only the first "
                          "N blocks' (-ckptN)")
+    ap.add_argument("--rms-norm-kernel", action="store_true",
+                    help="RMSNorm through the Triton kernel (default: torch's F.rms_norm)")
     ap.add_argument("--rotary-reference", action="store_true",
                     help="rotary embeddings through the fp32 PyTorch reference (default: the Triton kernel on CUDA)")
     ap.add_argument("--residual-dtype", choices=["fp32", "bf16"], default="fp32",
@@ -266,6 +271,10 @@ def main(argv=None) -> list:
         from hybrid_lm.ops.triton import prefer_rotary_kernel
 
         prefer_rotary_kernel(False)
+    if args.rms_norm_kernel:
+        from hybrid_lm.ops.triton import prefer_rms_norm_kernel
+
+        prefer_rms_norm_kernel(True)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run on a GPU, or pass --device cpu --tiny for the smoke test")
     if args.residual_dtype == "bf16" and device.type != "cuda":

@@ -19,13 +19,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 # FLA_TESTS="trains_a_step packed cached" FLA_MIXERS="fla_simple_gla fla_retnet fla_mamba2 fla_gated_deltanet"
 # (206 s), ONLY="model32 ckpt" (~4 min), ONLY=residual (45 s warm); in the eighth (runs 31-33, an H200):
 # ONLY="model125 locality" (300 s; deepseek-v32-125m went over model125's budget and ran alone next),
-# ONLY="dsatests profile4k" (~4 min warm).
+# ONLY="dsatests profile4k" (~4 min warm). Still open: ONLY=norm (the opt-in RMSNorm kernel, never run on a GPU).
 # The one-off parts of runs 11 (pending) and 13 (final) are in git history (2cfb793).
 ONLY=${ONLY:-"tests layer sparse topk kl model"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want tests || want dsatests; then  # dsatests: the Triton kernels only (fla's own first-use compiles take minutes)
   if want tests; then sel="tests/gpu tests/ops/test_gpu.py tests/hf/test_gpu.py"
-  else sel="tests/gpu/test_dsa_kernels.py tests/gpu/test_indexer_kl_kernels.py tests/gpu/test_rotary_kernel.py"; fi
+  else sel="tests/gpu/test_dsa_kernels.py tests/gpu/test_indexer_kl_kernels.py tests/gpu/test_rotary_kernel.py
+    tests/gpu/test_norm_kernel.py"; fi
   timeout ${TEST_TIMEOUT:-240} python3 -m pytest $sel -q -p no:cacheprovider -rfE > "$OUT/tests.log" 2>&1
   grep -E "passed|failed|^FAILED|^ERROR|^E " "$OUT/tests.log" | cut -c1-220 | head -40
 fi
@@ -66,6 +67,16 @@ if want residual; then  # the residual stream in bf16 under autocast against fp3
   (cd benchmarks && timeout 200 python3 bench_model.py --configs dense-350m gdn-dsa-350m --T 4096 32768 \
     --residual-dtype bf16 --out "$OUT/model-residual-bf16.json" > "$OUT/model-residual-bf16.log" 2>&1)
   grep -v "^{" "$OUT/model-residual-bf16.log" | grep " | " | tail -5 | cut -c1-200
+fi
+if want norm; then  # the RMSNorm kernel (opt-in, written in the eighth session): its GPU tests, the op alone, and
+  # dense-350m / gdn-dsa-1b at 4k with it against torch's F.rms_norm (same machine, back to back), ~3 min warm
+  timeout 120 python3 -m pytest tests/gpu/test_norm_kernel.py -q -p no:cacheprovider 2>&1 | tail -3
+  (cd benchmarks && timeout 90 python3 bench_norm.py > "$OUT/norm.log" 2>&1); grep " | " "$OUT/norm.log"
+  for flag in "" --rms-norm-kernel; do
+    (cd benchmarks && timeout 150 python3 bench_model.py --configs dense-350m gdn-dsa-1b --T 4096 $flag \
+      --out "$OUT/model-4k${flag:+-rms-norm-kernel}.json" > "$OUT/model-4k${flag:+-rms-norm-kernel}.log" 2>&1)
+    grep -v "^{" "$OUT/model-4k${flag:+-rms-norm-kernel}.log" | grep " | " | tail -2 | cut -c1-200
+  done
 fi
 if want ckpt; then  # gdn-dsa-1b at 32k: every block checkpointed (run 24: 20.8 GiB) against only the first 8 of 16
   (cd benchmarks && timeout 200 python3 bench_model.py --configs gdn-dsa-1b --T 32768 --activation-checkpointing \

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.norm import rms_norm
+
 
 def matmul_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The dtype a matrix product of `tensors` runs in, as `nn.Linear` would: autocast's on their device type where
@@ -31,9 +33,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) * weight in fp32 (bit-identical to the formula on CPU); on CUDA F.rms_norm can
-        # take torch's fused kernel where the formula is ~6 elementwise kernels forward and more backward
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(dtype or x.dtype)
+        # x * rsqrt(mean(x^2) + eps) * weight in fp32, returned in `dtype` (ops.rms_norm: torch's F.rms_norm, or the
+        # Triton kernel that writes `dtype` directly)
+        return rms_norm(x, self.weight, self.eps, dtype or x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

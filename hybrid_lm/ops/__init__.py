@@ -11,6 +11,7 @@ from .conv import causal_conv1d
 from .dsa_loss import *  # noqa: F401,F403
 from .gated_delta_rule import gated_delta_rule
 from .indexer import lightning_indexer_scores, lightning_indexer_topk
+from .norm import rms_norm
 from .rotary import rotary
 from .sparse_attention import sparse_attention
 from . import triton as _triton  # noqa: F401  (registers the Triton DSA kernels as backends)
@@ -21,6 +22,7 @@ __all__ = [
     "gated_delta_rule",
     "lightning_indexer_scores",
     "lightning_indexer_topk",
+    "rms_norm",
     "rotary",
     "sparse_attention",
     "has_fla",

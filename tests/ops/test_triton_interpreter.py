@@ -22,7 +22,7 @@ CASES = Path(__file__).with_name("triton_interpreter_cases.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("group", ["topk", "sparse", "kl", "rotary"])
+@pytest.mark.parametrize("group", ["topk", "sparse", "kl", "rotary", "norm"])
 def test_triton_kernels_match_references_in_the_interpreter(group):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

@@ -3,9 +3,9 @@
 Run by tests/ops/test_triton_interpreter.py in a subprocess with TRITON_INTERPRET=1 (the variable must be set
 before the kernels are defined). The same checks as tests/gpu/, on shapes small enough for the interpreter:
 indexer top-k (threshold selection with its exact fallback and tie rule, full scores + torch.topk), sparse
-attention forward and backward, both indexer KL losses with their gradients, and the rotary embedding kernel.
-fp32 throughout: the interpreter has no bf16 arithmetic of its own.
-Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary]...
+attention forward and backward, both indexer KL losses with their gradients, the rotary embedding and the RMSNorm
+kernels. fp32 throughout (fp16 for one norm output): the interpreter has no bf16 arithmetic of its own.
+Usage: python triton_interpreter_cases.py [topk|sparse|kl|rotary|norm]...
 """
 
 from __future__ import annotations
@@ -258,7 +258,28 @@ def case_rotary():
         assert max(errs) < 1e-6
 
 
-CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary}
+def case_norm():
+    """The RMSNorm kernels against torch's F.rms_norm: D a power of 2 and not, rows that fill several tiles and
+    several backward programs (each keeps a dw partial), 3-d inputs, an fp32 input with an fp16 output (the
+    interpreter has no bf16); values and the gradients of x and the weight."""
+    from hybrid_lm.ops.triton.norm import rms_norm_triton
+
+    for shape, out_dtype in (((3, 37, 64), torch.float32), ((301, 24), torch.float32), ((2, 50, 100), torch.float16),
+                             ((4000, 8), torch.float32), ((1, 5, 1024), torch.float32)):
+        x = (torch.randn(*shape) * 3).requires_grad_()
+        w = (1 + 0.1 * torch.randn(shape[-1])).requires_grad_()
+        g = torch.randn(*shape)
+        y = rms_norm_triton(x, w, 1e-6, out_dtype)
+        dx, dw = torch.autograd.grad(y, (x, w), g.to(out_dtype))
+        y_r = ops.rms_norm(x, w, 1e-6, out_dtype, backend="reference")
+        dx_r, dw_r = torch.autograd.grad(y_r, (x, w), g.to(out_dtype))
+        assert y.dtype == out_dtype and dx.dtype == x.dtype and dw.dtype == w.dtype
+        errs = [rel_err(y, y_r), rel_err(dx, dx_r), rel_err(dw, dw_r)]
+        print(f"rms_norm {shape} -> {out_dtype}: rel. errors y, dx, dw " + " ".join(f"{e:.1e}" for e in errs))
+        assert max(errs) < (1e-3 if out_dtype == torch.float16 else 1e-5)
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary, "norm": case_norm}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CASES):

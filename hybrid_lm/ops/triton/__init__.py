@@ -6,7 +6,8 @@
 - ``sparse_attention``: gathered-row attention forward and backward (``sparse_attention.py``);
 - ``indexer_kl_dense`` / ``indexer_kl_sparse``: the indexer's KL losses, forward and backward, streamed over the
   keys without a [T, T] tensor (``indexer_kl.py``);
-- ``rotary``: rotary embeddings in one pass each way (``rotary.py``).
+- ``rotary``: rotary embeddings in one pass each way (``rotary.py``);
+- ``rms_norm``: RMSNorm in one kernel each way, output in the dtype the next matmul takes (``norm.py``).
 
 Importing this package imports no triton and queries no device: the kernel modules load on first use, and the
 backends report themselves available only for CUDA tensors with triton importable. Shapes follow the ops.
@@ -18,7 +19,7 @@ import torch
 
 from ..backends import has_triton, register_backend
 
-__all__ = ["TRITON_PRIORITY", "prefer_rotary_kernel"]
+__all__ = ["TRITON_PRIORITY", "prefer_rotary_kernel", "prefer_rms_norm_kernel"]
 
 # above "reference" (0) and "sdpa"-like torch paths (50): the kernels win under backend="auto" on CUDA
 TRITON_PRIORITY = 100
@@ -95,3 +96,23 @@ def prefer_rotary_kernel(on: bool = True) -> None:
 
 
 prefer_rotary_kernel(True)
+
+
+def _rms_norm(x, weight, eps, out_dtype):
+    from .norm import rms_norm_triton
+
+    return rms_norm_triton(x, weight, eps, out_dtype)
+
+
+def _norm_dtypes(device: torch.device, dtype: torch.dtype) -> bool:
+    return _triton_on_cuda(device, dtype)  # not fp64: the reference keeps its fp32 math there too
+
+
+def prefer_rms_norm_kernel(on: bool = True) -> None:
+    """Let "auto" pick the RMSNorm kernel on CUDA (on) or torch's F.rms_norm (off, the default until the kernel is
+    timed in a whole model on a GPU; `bench_model.py --rms-norm-kernel` compares the two)."""
+    register_backend("rms_norm", "triton", _rms_norm, available=_norm_dtypes,
+                     priority=TRITON_PRIORITY if on else ROTARY_PRIORITY, requires="a CUDA device and triton")
+
+
+prefer_rms_norm_kernel(False)
