@@ -19,7 +19,7 @@ CASES = Path(__file__).with_name("triton_compile_cases.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("group", ["topk", "sparse", "kl", "rotary"])
+@pytest.mark.parametrize("group", ["topk", "sparse", "kl", "rotary", "norm"])
 def test_triton_kernels_compile_for_sm90(group):
     from triton.backends import backends
 

@@ -1,4 +1,4 @@
-"""Every Triton DSA kernel compiled for an H100 (sm_90) on a machine without a GPU.
+"""Every Triton kernel (DSA, rotary, RMSNorm) compiled for an H100 (sm_90) on a machine without a GPU.
 
 The interpreter cases (triton_interpreter_cases.py) check what the kernels compute; they cannot see compiler
 failures. Two such failures cost a GPU run on 2026-12-06: a `tl.dot` under a runtime `if` hit a layout assertion
@@ -12,8 +12,8 @@ constants; without this the PTX differs from the GPU's: scalar atomics where the
 through `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` with the launch's num_warps / num_stages.
 The op wrappers run on CPU tensors as on a GPU, so each kernel is compiled with the shapes, constexprs and configs
 a real call would use. Outputs are never written (buffers keep whatever torch.empty gave), so nothing is checked
-but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl|rotary]... (prints one line per compiled variant;
-with PTXAS_USAGE=1 also its registers and spill bytes from `ptxas -v`).
+but compilation. Usage: python triton_compile_cases.py [topk|sparse|kl|rotary|norm]... (prints one line per
+compiled variant; with PTXAS_USAGE=1 also its registers and spill bytes from `ptxas -v`).
 """
 
 from __future__ import annotations
@@ -192,7 +192,18 @@ def case_rotary():
             rotary_launch(x, cos, sin, backward=True)
 
 
-CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary}
+def case_norm():
+    from hybrid_lm.ops.triton.norm import rms_norm_backward, rms_norm_forward
+
+    for x_dtype, out_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
+                               (torch.float32, torch.float32)):
+        for D in (64, 96, 768, 1024, 2048, 7168):  # q/k heads, MLA's 96, the zoo's hidden sizes, V3's 7168
+            x, w = torch.randn(300, D, dtype=x_dtype), torch.ones(D)
+            _, rstd = rms_norm_forward(x, w, 1e-6, out_dtype)
+            rms_norm_backward(x, w, torch.randn(300, D, dtype=out_dtype), rstd)
+
+
+CASES = {"topk": case_topk, "sparse": case_sparse, "kl": case_kl, "rotary": case_rotary, "norm": case_norm}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(CASES):
