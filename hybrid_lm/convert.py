@@ -13,6 +13,7 @@ Weights keep their stored shapes: embeddings `[V, C]`, projections `[out, in]`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import ModelConfig, config_from_dict, config_to_dict
@@ -392,28 +393,51 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
         raise ValueError(f"output {str(out)!r} exists and is not empty; pass --force to replace it")
 
 
-def _write(model: HybridLM, out: Path, force: bool, folders: list[Path], provenance: dict) -> Path:
+@contextlib.contextmanager
+def staged_dir(out: Path, force: bool):
+    """A new folder beside `out` to write into. On a clean exit it is fsynced and renamed to `out` (a non-empty
+    `out`, allowed by `force`, set aside and removed after); on an error it is removed, so `out` is never left
+    half-written and an earlier export there survives a failed one."""
     out_abs = out.resolve()
     tmp = out_abs.with_name(f"{out_abs.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out_abs.parent.mkdir(parents=True, exist_ok=True)
     try:
-        save_model(model, tmp)
-        copied = []
-        for name in TOKENIZER_FILES:
-            found = next((f / name for f in folders if (f / name).is_file()), None)
-            if found is not None and not (tmp / name).exists():
-                shutil.copy2(found, tmp / name)
-                copied.append(name)
-        provenance["tokenizer_files"] = copied
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1) + "\n")
-        write_manifest(tmp)  # load_model trusts a folder only when its manifest verifies
+        tmp.mkdir()
+        yield tmp
         fsync_tree(tmp)
         _replace_dir(tmp, out_abs, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(out_abs.parent)
+
+
+def copy_tokenizer_files(folders: list[Path], dst: Path) -> list[str]:
+    """Copy each of TOKENIZER_FILES from the first of `folders` holding it into `dst`, unless `dst` has it."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        found = next((f / name for f in folders if (f / name).is_file()), None)
+        if found is not None and not (dst / name).exists():
+            shutil.copy2(found, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_hf_folder(out: Path, force: bool, state: dict, hf_config: dict, folders: list[Path]) -> None:
+    """A transformers folder (model.safetensors, config.json, the tokenizer files of `folders`), staged."""
+    with staged_dir(out, force) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        copy_tokenizer_files(folders, tmp)
+
+
+def _write(model: HybridLM, out: Path, force: bool, folders: list[Path], provenance: dict) -> Path:
+    with staged_dir(out, force) as tmp:
+        save_model(model, tmp)
+        provenance["tokenizer_files"] = copy_tokenizer_files(folders, tmp)
+        (tmp / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1) + "\n")
+        write_manifest(tmp)  # load_model trusts a folder only when its manifest verifies
     return out
 
 

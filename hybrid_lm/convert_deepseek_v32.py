@@ -18,18 +18,14 @@ Weights keep their stored shapes: embeddings `[V, C]`, projections `[out, in]`, 
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig, config_from_dict
 from .layers import DSAConfig
 from .model.io import load_model, resolve_model_dir
-from .utils.files import fsync_dir, fsync_tree
 
 __all__ = ["DEEPSEEK_V32_MODEL_TYPE", "deepseek_v32_config_to_ours", "deepseek_v32_state_to_ours",
            "read_deepseek_v32", "ours_to_deepseek_v32_config", "ours_to_deepseek_v32_state", "export_deepseek_v32"]
@@ -290,7 +286,7 @@ def export_deepseek_v32(src: str | Path, out: str | Path, dtype: torch.dtype | N
     """Write the model at `src` (run, checkpoint or saved-model folder) as a transformers DeepSeek-V3.2 folder
     (config.json, model.safetensors, tokenizer files), loadable by `DeepseekV32ForCausalLM.from_pretrained`.
     `dtype` None keeps the checkpoint's; `force` replaces a non-empty `out`."""
-    from .convert import TOKENIZER_FILES, _check_out, _replace_dir  # convert imports this module lazily
+    from .convert import _check_out, write_hf_folder  # convert imports this module lazily
 
     out = Path(out)
     model_dir = resolve_model_dir(src)
@@ -304,20 +300,5 @@ def export_deepseek_v32(src: str | Path, out: str | Path, dtype: torch.dtype | N
     state = ours_to_deepseek_v32_state(model.state_dict(), model.config)
     hf["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     # written whole beside OUT, then renamed in: a failure leaves an earlier export in OUT as it was
-    tmp = out.resolve().with_name(f"{out.resolve().name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.mkdir()
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (model_dir / name).is_file():
-                shutil.copy2(model_dir / name, tmp / name)
-        fsync_tree(tmp)
-        _replace_dir(tmp, out.resolve(), force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.resolve().parent)
+    write_hf_folder(out, force, state, hf, [model_dir])
     return out

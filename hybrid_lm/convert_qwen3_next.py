@@ -20,16 +20,12 @@ Shapes: projections `[out, in]`, C hidden size, H key heads, HV value heads, Dk 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from .config import ModelConfig, config_from_dict
 from .model.io import load_model, resolve_model_dir
-from .utils.files import fsync_dir, fsync_tree
 from .utils.typed import to_dict
 
 __all__ = ["qwen3_next_config_to_ours", "qwen3_next_state_to_ours", "ours_config_to_qwen3_next",
@@ -320,7 +316,7 @@ def _fuse_gdn(m: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.T
 
 def export_qwen3_next(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write our model at `src` (run, checkpoint or saved model) as a transformers Qwen3-Next folder at `out`."""
-    from .convert import TOKENIZER_FILES, _check_out, _replace_dir  # convert imports this module lazily
+    from .convert import _check_out, write_hf_folder  # convert imports this module lazily
 
     src, out = Path(src), Path(out)
     _check_out(src, out, force)
@@ -328,21 +324,5 @@ def export_qwen3_next(src: str | Path, out: str | Path, force: bool = False) -> 
     state = {k: v.detach() for k, v in model.state_dict().items()}
     hf_config = ours_config_to_qwen3_next(model.config, model.embed_tokens.weight.dtype)
     hf_state = ours_state_to_qwen3_next(model.config, state)
-    tmp = out.resolve().with_name(f"{out.resolve().name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.mkdir()
-        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            found = next((f / name for f in (resolve_model_dir(src), src) if (f / name).is_file()), None)
-            if found is not None:
-                shutil.copy2(found, tmp / name)
-        fsync_tree(tmp)
-        _replace_dir(tmp, out.resolve(), force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(out.resolve().parent)
+    write_hf_folder(out, force, hf_state, hf_config, [resolve_model_dir(src), src])
     return out

@@ -29,12 +29,12 @@ def test_force_never_replaces_the_folder_holding_the_source(run, tmp_path):
 def test_a_failed_export_leaves_the_earlier_one_whole(run, tmp_path, monkeypatch):
     out = export_deepseek_v32(run, tmp_path / "hf")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import hybrid_lm.convert_deepseek_v32 as v32
+    import hybrid_lm.convert as convert  # the converters' shared staged writer
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(v32, "save_file", fail)
+    monkeypatch.setattr(convert, "save_file", fail)
     with pytest.raises(OSError, match="disk full"):
         export_deepseek_v32(run, out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
