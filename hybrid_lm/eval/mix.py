@@ -34,7 +34,7 @@ class MixConfig:
     recall_fraction: float = 0.5          # share of the training tokens that are recall documents
     recall_tokens: int | None = None      # or: this many recall tokens (a big run needs more than the text)
     tasks: dict[str, float] = field(default_factory=lambda: {"mqar": 0.5, "passkey": 0.25, "copy": 0.25})
-    min_length: int = 24                  # recall document lengths, log-uniform in [min_length, max_length]
+    min_length: int = 24                  # recall document lengths with their eos, log-uniform in [min, max]
     max_length: int = 512
     loss_mask: bool = True                # recall documents train on their answers only
     seed: int = 0
@@ -92,7 +92,7 @@ def _recall_documents(prepared: PreparedData, vocab: RecallVocab, cfg: MixConfig
     while total < budget:
         # log-uniform: many short documents, where a small model first finds the induction circuit (a match among
         # 32 positions gets 4x the initial gradient of one among 128), and long ones that carry it further
-        length = int(np.exp(rng.uniform(np.log(cfg.min_length), np.log(cfg.max_length + 1)))) - 1
+        length = int(np.exp(rng.uniform(np.log(cfg.min_length), np.log(cfg.max_length + 1)))) - 1  # + eos, below
         task = names[int(rng.choice(len(names), p=weights / weights.sum()))]
         if task == "mqar":  # from one pair in a sea of text to a context packed with pairs
             most = length // 4 if cfg.max_pairs is None else min(length // 4, cfg.max_pairs)
