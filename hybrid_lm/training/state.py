@@ -78,8 +78,13 @@ def load_training_state(trainer, ckpt_dir: Path) -> None:
     """Restore optimizer, schedule position, data position, counters and RNG (model weights are already loaded)."""
     state = ckpt_io.load_trainer_state(ckpt_dir)
     full = _sharded(trainer)
+    # the checkpoint's param groups carry its weight_decay, betas and eps: this run's config (e.g. a --set on
+    # resume) applies instead, as it does for the schedule; only the moments and step counts carry over
+    configured = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     set_optimizer_state_dict(trainer.raw, trainer.optimizer, ckpt_io.load_optimizer_state(ckpt_dir),
                              options=StateDictOptions(full_state_dict=full) if full else None)
+    for group, settings in zip(trainer.optimizer.param_groups, configured):
+        group.update(settings)
     sched = {k: v for k, v in state["scheduler"].items() if k != "base_lrs"}
     sched["lr_lambdas"] = [None] * len(trainer.scheduler.lr_lambdas)
     trainer.scheduler.load_state_dict(sched)
