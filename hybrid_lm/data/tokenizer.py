@@ -97,8 +97,11 @@ def load_tokenizer(spec: str | Path) -> tuple[Tokenizer, TokenizerInfo]:
                          f"add a tokenizer_config.json beside it with an 'eos_token' entry")
     bos = _token_text(config.get("bos_token"))
     bos_id = tok.token_to_id(bos) if bos else None
-    info = TokenizerInfo(path=path, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos_id=eos_id,
-                         bos_id=bos_id if bos_id != eos_id else None)
+    # a vocabulary with gaps in its ids (or added tokens placed past it) has ids >= its token count: the model's
+    # embedding must cover the largest id, not the count
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+    info = TokenizerInfo(path=path, vocab_size=vocab_size, eos_id=eos_id, bos_id=bos_id if bos_id != eos_id else None)
     return tok, info
 
 
