@@ -200,20 +200,33 @@ def _local_documents(path: Path, text_field: str) -> Iterator[str]:
         if not files:
             raise ValueError(f"folder {str(path)!r} has no .txt files; put one document per .txt file in it")
         for f in files:
-            yield f.read_text(encoding="utf-8")
+            yield _read_text(f)
         return
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        yield from re.split(r"\n[ \t]*\n(?:[ \t]*\n)+", path.read_text(encoding="utf-8"))
+        yield from re.split(r"\n[ \t]*\n(?:[ \t]*\n)+", _read_text(path))
     elif suffix == ".jsonl":
         yield from _jsonl_documents(path, text_field)
     else:
         yield from _parquet_documents(path, text_field)
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); convert the file to UTF-8 "
+                         f"(e.g. iconv -f latin1 -t utf-8)") from None
+
+
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded a line at a time, so a bad byte is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
+                                 f"convert the file to UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -1,5 +1,10 @@
 """Edge cases of the data pipeline found in review: cache keys, tokenizer vocabularies, file encodings."""
 
+import json
+import re
+
+import pytest
+
 from hybrid_lm.data import DataConfig
 from hybrid_lm.data import prepare as prepare_mod
 
@@ -33,3 +38,33 @@ def test_tokenizer_with_id_gaps_covers_its_largest_id(tmp_path):
     assert prepared.vocab_size == 8
     assert 7 in prepared.train
     assert int(prepared.train.max()) < prepared.vocab_size and int(prepared.val.max()) < prepared.vocab_size
+
+
+@pytest.mark.parametrize("kind", ["txt", "folder", "jsonl"])
+def test_invalid_utf8_names_the_file(tmp_path, kind):
+    from hybrid_lm.data import load_documents
+    bad = b"caf\xe9 au lait"  # latin-1, not UTF-8
+    if kind == "txt":
+        path = tmp_path / "c.txt"
+        path.write_bytes(b"fine\n\n\n" + bad)
+        where = str(path)
+    elif kind == "folder":
+        path = tmp_path / "docs"
+        (path / "sub").mkdir(parents=True)
+        (path / "a.txt").write_text("fine", encoding="utf-8")
+        (path / "sub" / "b.txt").write_bytes(bad)
+        where = str(path / "sub" / "b.txt")
+    else:
+        path = tmp_path / "c.jsonl"
+        path.write_bytes(b'{"text": "fine"}\n{"text": "' + bad + b'"}\n')
+        where = f"{path}:2"
+    with pytest.raises(ValueError, match=re.escape(where) + ".*not valid UTF-8"):
+        load_documents(str(path))
+
+
+def test_jsonl_lines_and_unicode(tmp_path):
+    from hybrid_lm.data import load_documents
+    path = tmp_path / "c.jsonl"
+    rows = ["héllo wörld ✓", "line\u2028sep and \r inside", "日本語"]
+    path.write_bytes(b"\r\n".join(json.dumps({"text": r}, ensure_ascii=False).encode() for r in rows) + b"\r\n\n")
+    assert load_documents(str(path)) == rows
