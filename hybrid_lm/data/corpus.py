@@ -213,7 +213,7 @@ def _local_documents(path: Path, text_field: str) -> Iterator[str]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Windows editors) is not text
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); convert the file to UTF-8 "
                          f"(e.g. iconv -f latin1 -t utf-8)") from None
@@ -223,7 +223,7 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     with open(path, "rb") as f:  # decoded a line at a time, so a bad byte is reported with its line number
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte-order mark is not JSON
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid UTF-8 ({e.reason} at byte {e.start} of the line); "
                                  f"convert the file to UTF-8") from None

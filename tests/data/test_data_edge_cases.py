@@ -68,3 +68,12 @@ def test_jsonl_lines_and_unicode(tmp_path):
     rows = ["héllo wörld ✓", "line\u2028sep and \r inside", "日本語"]
     path.write_bytes(b"\r\n".join(json.dumps({"text": r}, ensure_ascii=False).encode() for r in rows) + b"\r\n\n")
     assert load_documents(str(path)) == rows
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_utf8_byte_order_mark_is_not_text(tmp_path, kind):
+    from hybrid_lm.data import load_documents
+    path = tmp_path / f"c.{kind}"
+    body = "first\n\n\nsecond" if kind == "txt" else '{"text": "first"}\n{"text": "second"}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_documents(str(path)) == ["first", "second"]
