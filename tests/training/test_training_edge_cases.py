@@ -12,3 +12,18 @@ def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints(write
     for group in trainer.optimizer.param_groups:  # a --set on resume is not silently overruled by the checkpoint
         assert group["weight_decay"] == 0.0 and tuple(group["betas"]) == (0.5, 0.6) and group["eps"] == 1e-3
     assert trainer.optimizer.state  # while the Adam moments do carry over
+
+
+def test_resume_without_config_finds_the_run_named_by_set_out_dir(write_config, tmp_path, monkeypatch):
+    import argparse
+
+    from hybrid_lm.cli import _train_config
+
+    path = write_config("set_out", sample_tokens=0, eval_batches=0, seq_len=24)
+    run = tmp_path / "set_out_run"
+    train(load_train_config(path, [f"out_dir={run}"]), max_steps=1)
+    monkeypatch.chdir(tmp_path)  # no runs/default here
+    args = argparse.Namespace(config=None, out=None, resume=True, set=[f"out_dir={run}"], max_steps=None)
+    cfg = _train_config(args)
+    # the config saved in that run, not train/configs/default.yaml (Shakespeare, seq_len 256) pointed at it
+    assert cfg.out_dir == str(run) and cfg.seq_len == 24 and cfg.data.source == load_train_config(path).data.source
