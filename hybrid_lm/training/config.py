@@ -205,6 +205,15 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "traini
             _check_key(item, keys, 1, _SECTIONS[head])
         elif rest and head != "model_overrides":
             raise ValueError(f"--set {item!r}: '{head}' is not a section")
+        # a path on the command line is relative to the working directory: made absolute here, so the config a
+        # checkpoint saves (and `--resume` without CONFIG reads back from the checkpoint folder) still names it
+        nested = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        nested = _resolve_paths(nested, Path.cwd())
+        for key in keys:
+            nested = nested[key]
+        value = nested
         node = raw
         for key in keys[:-1]:
             if not isinstance(node.get(key), dict):

@@ -27,3 +27,21 @@ def test_resume_without_config_finds_the_run_named_by_set_out_dir(write_config, 
     cfg = _train_config(args)
     # the config saved in that run, not train/configs/default.yaml (Shakespeare, seq_len 256) pointed at it
     assert cfg.out_dir == str(run) and cfg.seq_len == 24 and cfg.data.source == load_train_config(path).data.source
+
+
+def test_relative_set_paths_survive_the_config_a_checkpoint_saves(write_config, tmp_path, monkeypatch):
+    from hybrid_lm.training.config import dump_train_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(write_config("rel"), ["data.source=plays.jsonl", "init_from=runs/warmup",
+                                                  "model=null", "data={source: other.jsonl, tokenizer: tok.json}"])
+    assert cfg.init_from == str(tmp_path / "runs" / "warmup")  # relative to the working directory
+    assert cfg.data.source == str(tmp_path / "other.jsonl") and cfg.data.tokenizer == str(tmp_path / "tok.json")
+    saved = tmp_path / "runs" / "x" / "checkpoints" / "step_00000001" / "train_config.yaml"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(dump_train_config(cfg))
+    again = load_train_config(saved)  # what `hybrid-lm train --resume --out runs/x` reads back
+    assert (again.init_from, again.data.source, again.data.tokenizer) == (
+        cfg.init_from, cfg.data.source, cfg.data.tokenizer)
+    named = load_train_config(write_config("named"), ["data.source=shakespeare", "model=tiny-hybrid"])
+    assert named.data.source == "shakespeare" and named.model == "tiny-hybrid"  # names stay names
