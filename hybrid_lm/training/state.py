@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
@@ -81,8 +82,12 @@ def load_training_state(trainer, ckpt_dir: Path) -> None:
     # the checkpoint's param groups carry its weight_decay, betas and eps: this run's config (e.g. a --set on
     # resume) applies instead, as it does for the schedule; only the moments and step counts carry over
     configured = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-    set_optimizer_state_dict(trainer.raw, trainer.optimizer, ckpt_io.load_optimizer_state(ckpt_dir),
-                             options=StateDictOptions(full_state_dict=full) if full else None)
+    try:
+        set_optimizer_state_dict(trainer.raw, trainer.optimizer, ckpt_io.load_optimizer_state(ckpt_dir),
+                                 options=StateDictOptions(full_state_dict=full) if full else None)
+    except RuntimeError:  # e.g. "Missing optimizer state for parameter ...": name the likely cause
+        _check_same_dsa_stage(trainer, ckpt_dir)
+        raise
     for group, settings in zip(trainer.optimizer.param_groups, configured):
         group.update(settings)
     sched = {k: v for k, v in state["scheduler"].items() if k != "base_lrs"}
@@ -98,3 +103,14 @@ def load_training_state(trainer, ckpt_dir: Path) -> None:
         warnings.warn(f"{ckpt_dir} was saved by {len(rng)} ranks, this run has {trainer.info.world_size}: the data "
                       "order carries over but random streams (e.g. dropout) will differ", stacklevel=2)
     ckpt_io.restore_rng_state(rng[min(trainer.info.rank, len(rng) - 1)])
+
+
+def _check_same_dsa_stage(trainer, ckpt_dir: Path) -> None:
+    """Each DSA stage trains other parameters, so the optimizer state of one may not fit another."""
+    saved_cfg = Path(ckpt_dir) / "train_config.yaml"
+    saved = yaml.safe_load(saved_cfg.read_text()) if saved_cfg.is_file() else None
+    stage = saved.get("dsa_stage") if isinstance(saved, dict) else None
+    if stage is not None and stage != trainer.cfg.dsa_stage:
+        raise ValueError(f"--resume: {ckpt_dir} was trained with dsa_stage: {stage}, this config has dsa_stage: "
+                         f"{trainer.cfg.dsa_stage}, which trains other parameters. To switch stages start a new run "
+                         f"from it (init_from: {ckpt_dir}, another --out); to continue it keep dsa_stage: {stage}")

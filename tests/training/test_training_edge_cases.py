@@ -45,3 +45,14 @@ def test_relative_set_paths_survive_the_config_a_checkpoint_saves(write_config, 
         cfg.init_from, cfg.data.source, cfg.data.tokenizer)
     named = load_train_config(write_config("named"), ["data.source=shakespeare", "model=tiny-hybrid"])
     assert named.data.source == "shakespeare" and named.model == "tiny-hybrid"  # names stay names
+
+
+def test_resuming_a_warmup_run_as_sparse_says_to_start_a_new_run(write_config):
+    import pytest
+
+    path = write_config("warm", dsa_stage="dense_warmup", sample_tokens=0, eval_batches=0)
+    train(load_train_config(path), max_steps=1)
+    with pytest.raises(ValueError) as err:  # was torch's "Missing optimizer state for parameter ..."
+        Trainer(load_train_config(path, ["dsa_stage=sparse"]), resume=True)
+    for words in ("dsa_stage: dense_warmup", "dsa_stage: sparse", "init_from: ", "step_00000001"):
+        assert words in str(err.value)
