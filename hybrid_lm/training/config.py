@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -189,6 +190,17 @@ def _check_key(item: str, keys: list[str], depth: int, schema: type) -> None:
                          f"{', '.join(valid)}")
 
 
+def _is_text_field(keys: list[str]) -> bool:
+    """Whether `keys` names a string setting (`str` or `str | None`) of the training config or a section."""
+    if len(keys) == 1:
+        tp = typing.get_type_hints(TrainConfig).get(keys[0])
+    elif len(keys) == 2 and keys[0] in _SECTIONS:
+        tp = typing.get_type_hints(_SECTIONS[keys[0]]).get(keys[1])
+    else:
+        return False
+    return tp is str or set(typing.get_args(tp)) == {str, type(None)}
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "training config") -> TrainConfig:
     """Apply `a.b=value` strings (value parsed as YAML) with strict key checking; returns a new config.
 
@@ -205,6 +217,8 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str], where: str = "traini
             _check_key(item, keys, 1, _SECTIONS[head])
         elif rest and head != "model_overrides":
             raise ValueError(f"--set {item!r}: '{head}' is not a section")
+        if value is not None and not isinstance(value, str) and _is_text_field(keys):
+            value = item.partition("=")[2]  # `sample_prompt=ROMEO:` is text, not the YAML mapping {ROMEO: null}
         # a path on the command line is relative to the working directory: made absolute here, so the config a
         # checkpoint saves (and `--resume` without CONFIG reads back from the checkpoint folder) still names it
         nested = value

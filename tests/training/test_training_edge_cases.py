@@ -56,3 +56,11 @@ def test_resuming_a_warmup_run_as_sparse_says_to_start_a_new_run(write_config):
         Trainer(load_train_config(path, ["dsa_stage=sparse"]), resume=True)
     for words in ("dsa_stage: dense_warmup", "dsa_stage: sparse", "init_from: ", "step_00000001"):
         assert words in str(err.value)
+
+
+def test_set_text_settings_keep_text_that_yaml_would_read_as_something_else(write_config):
+    cfg = load_train_config(write_config("text"), ["sample_prompt=JULIET:", "data.text_field=yes", "model=null",
+                                                   "init_from=null", "model=tiny-hybrid"])
+    assert cfg.sample_prompt == "JULIET:"  # was the mapping {'JULIET': None}: "must be a string"
+    assert cfg.data.text_field == "yes" and cfg.model == "tiny-hybrid" and cfg.init_from is None
+    assert load_train_config(write_config("text2"), ["sample_prompt=KING: hark"]).sample_prompt == "KING: hark"
