@@ -129,14 +129,17 @@ class Monitor:
         elif self.samples_path.is_file():  # as the metrics: samples after the resumed step are written again
             self.samples_path.write_text(_samples_up_to(self.samples_path.read_text(), resume_step))
         self._file = open(self.metrics_path, "a")
-        self.tb = self._open_tensorboard() if tensorboard else None
+        self.tb = self._open_tensorboard(resume_step) if tensorboard else None
 
-    def _open_tensorboard(self):
+    def _open_tensorboard(self, resume_step: int | None):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard is optional
             return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        # as in metrics.jsonl: TensorBoard hides the earlier event files' points past the resumed step (all of them
+        # for a fresh run), which the resumed run logs again
+        purge_step = 0 if resume_step is None else resume_step + 1
+        return SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=purge_step)
 
     def log(self, record: dict) -> None:
         self.records.append(record)

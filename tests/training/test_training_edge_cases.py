@@ -64,3 +64,25 @@ def test_set_text_settings_keep_text_that_yaml_would_read_as_something_else(writ
     assert cfg.sample_prompt == "JULIET:"  # was the mapping {'JULIET': None}: "must be a string"
     assert cfg.data.text_field == "yes" and cfg.model == "tiny-hybrid" and cfg.init_from is None
     assert load_train_config(write_config("text2"), ["sample_prompt=KING: hark"]).sample_prompt == "KING: hark"
+
+
+def test_tensorboard_hides_the_points_a_resumed_run_logs_again(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    from hybrid_lm.training.monitor import Monitor
+
+    opened = []
+
+    class _Writer:  # stands in for torch.utils.tensorboard.SummaryWriter (tensorboard is optional)
+        def __init__(self, log_dir, **kwargs):
+            opened.append(kwargs)
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=_Writer))
+    Monitor(tmp_path, 40, None, "resumed").close()
+    Monitor(tmp_path, None, None, "fresh").close()
+    # without purge_step TensorBoard showed the old run's steps 41+ next to the resumed run's
+    assert [o.get("purge_step") for o in opened] == [41, 0]
