@@ -71,7 +71,9 @@ def _model_from_saved(path: str, overrides: dict) -> hybrid_lm.HybridLM:
 def build_training_model(cfg, vocab_size: int, resume_dir: Path | None) -> hybrid_lm.HybridLM:
     """The model to train, in fp32 on CPU (the trainer moves it)."""
     if resume_dir is not None:
-        model = hybrid_lm.load_model(resume_dir)
+        # the checkpoint's architecture and weights; model_overrides apply as for init_from (settings that keep the
+        # shapes, e.g. a new index_topk; those the run started with are already in the checkpoint's config)
+        model = _model_from_saved(str(resume_dir), cfg.model_overrides)
     elif cfg.init_from is not None:
         model = _model_from_saved(cfg.init_from, cfg.model_overrides)
     else:

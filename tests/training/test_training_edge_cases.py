@@ -1,5 +1,7 @@
 """Edge cases of resuming and configuring a run that the main trainer tests do not reach."""
 
+import torch
+
 from hybrid_lm.training import Trainer, load_train_config, train
 
 
@@ -86,3 +88,17 @@ def test_tensorboard_hides_the_points_a_resumed_run_logs_again(tmp_path, monkeyp
     Monitor(tmp_path, None, None, "fresh").close()
     # without purge_step TensorBoard showed the old run's steps 41+ next to the resumed run's
     assert [o.get("purge_step") for o in opened] == [41, 0]
+
+
+def test_resume_applies_model_overrides_that_keep_the_shapes(write_config):
+    path = write_config("resume_topk", sample_tokens=0, eval_batches=0, model_overrides={"hidden_size": 48})
+    first = train(load_train_config(path), max_steps=1)
+    trainer = Trainer(load_train_config(path, ["model_overrides.mixers.dsa.index_topk=4"]), resume=True)
+    assert trainer.raw.config.mixers["dsa"].index_topk == 4  # was silently the checkpoint's 8
+    assert trainer.raw.config.hidden_size == 48  # the run's own overrides apply again, unchanged
+    from safetensors.torch import load_file
+
+    saved = load_file(first.last_checkpoint / "model.safetensors")
+    for name, p in trainer.raw.state_dict().items():
+        if name in saved:
+            assert torch.equal(p, saved[name]), name
