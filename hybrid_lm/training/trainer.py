@@ -79,7 +79,7 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         seed_everything(cfg.seed)
         resume_from = self._checkpoint_to_resume(resume)
-        self.prepared = self._prepare_data()
+        self.prepared = self._prepare_data(resume_from)
         # a pre-tokenized corpus may come without a tokenizer: then there are no samples to decode
         tok_path = self.prepared.tokenizer_path
         self.tokenizer = load_tokenizer(tok_path)[0] if tok_path is not None else None
@@ -126,8 +126,15 @@ class Trainer:
         self._print(f"resuming from {found}")
         return found
 
-    def _prepare_data(self):
+    def _prepare_data(self, resume_from: Path | None = None):
         cfg = self.cfg
+        tok = cfg.data.tokenizer
+        if resume_from is not None and tok is not None and not Path(tok).exists():
+            # e.g. the init_from run's checkpoint that named it was pruned or deleted since: the checkpoint keeps a
+            # copy of the tokenizer the run trains with
+            if (resume_from / "tokenizer.json").is_file():
+                self._print(f"data.tokenizer {tok} is gone: using the copy in {resume_from}")
+                cfg.data.tokenizer = str(resume_from / "tokenizer.json")
         if cfg.init_from is not None and cfg.data.tokenizer is None:
             saved = hybrid_lm.model.resolve_model_dir(cfg.init_from) / "tokenizer.json"
             if not saved.is_file():  # a new tokenizer's ids would mean other tokens to the trained embeddings

@@ -102,3 +102,17 @@ def test_resume_applies_model_overrides_that_keep_the_shapes(write_config):
     for name, p in trainer.raw.state_dict().items():
         if name in saved:
             assert torch.equal(p, saved[name]), name
+
+
+def test_resuming_a_stage_run_after_its_init_from_run_is_gone(write_config):
+    import shutil
+
+    from hybrid_lm.training import checkpoint as ckpt_io
+
+    warm = train(load_train_config(write_config("stage1", sample_tokens=0, eval_batches=0)), max_steps=1)
+    path = write_config("stage2", model=None, init_from=str(warm.run_dir), sample_tokens=0, eval_batches=0)
+    first = train(load_train_config(path), max_steps=1)
+    shutil.rmtree(warm.run_dir)  # or pruned since: the tokenizer the saved config named lived in its checkpoint
+    saved = load_train_config(ckpt_io.find_latest_valid(first.run_dir) / "train_config.yaml")
+    second = train(saved, resume=True, max_steps=2)  # `hybrid-lm train --resume --out RUN`
+    assert second.status == "done" and sorted(second.losses) == [2]
