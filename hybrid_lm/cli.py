@@ -40,14 +40,14 @@ def add_train_parser(subparsers) -> None:
 
 def _train_config(args):
     from hybrid_lm.training import checkpoint as ckpt_io
-    from hybrid_lm.training.config import _parse_override, default_config_path, load_train_config
+    from hybrid_lm.training.config import TrainConfig, apply_overrides, default_config_path, load_train_config
 
     path = args.config
     if path is None and args.resume:
         # the run folder: --out, else a `--set out_dir=...` (the last one wins, as when it is applied), else the
         # default config's; otherwise the default config, not the run's, would continue that run
-        set_out = [_parse_override(item)[1] for item in args.set if item.partition("=")[0].strip() == "out_dir"]
-        out = args.out or (str(set_out[-1]) if set_out and set_out[-1] is not None else None)
+        set_out = [item for item in args.set if item.partition("=")[0].strip() == "out_dir"]
+        out = args.out or (apply_overrides(TrainConfig(model="-"), set_out).out_dir if set_out else None)
         run_dir = Path(out) if out else Path(load_train_config(default_config_path()).out_dir)
         latest = ckpt_io.find_latest_valid(run_dir)
         if latest is not None and (latest / "train_config.yaml").is_file():
