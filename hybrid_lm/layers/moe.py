@@ -234,6 +234,10 @@ class MoE(nn.Module):
             pending = counts.float() if self._pending_load is None else self._pending_load + counts
             self._pending_load = pending.detach()
 
+    def discard_load(self) -> None:
+        """Forget the loads seen since the last balance update (a step that was skipped, not taken)."""
+        self._pending_load = None
+
     @torch.no_grad()
     def update_balance(self) -> None:
         """DeepSeek-V3's aux-loss-free step: raise the selection bias of under-loaded experts and lower that of

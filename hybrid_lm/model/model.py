@@ -231,6 +231,13 @@ class HybridLM(nn.Module):
             if isinstance(module, MoE):
                 module.update_balance()
 
+    def discard_moe_loads(self) -> None:
+        """Call instead of `update_moe_balance` after a step that is skipped (a non-finite loss): the expert loads
+        of its forward must not move the next update's biases."""
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.discard_load()
+
     # ----------------------------------------------------------------------------------------------- misc
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         params = {id(p): p for p in self.parameters()}

@@ -116,3 +116,35 @@ def test_resuming_a_stage_run_after_its_init_from_run_is_gone(write_config):
     saved = load_train_config(ckpt_io.find_latest_valid(first.run_dir) / "train_config.yaml")
     second = train(saved, resume=True, max_steps=2)  # `hybrid-lm train --resume --out RUN`
     assert second.status == "done" and sorted(second.losses) == [2]
+
+
+def test_a_skipped_step_leaves_no_moe_loads_for_the_next_bias_update(write_config):
+    """Bias balancing (DeepSeek-V3) moves each expert's bias from the loads since the last update; a step skipped
+    for a non-finite loss is not an update, so its forward's loads are dropped, not added to the next step's."""
+    from hybrid_lm.layers.moe import MoE
+
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "balancing": "bias",
+           "bias_update_rate": 0.01}
+    trainer = Trainer(load_train_config(write_config("moe-skip", max_steps=2, sample_tokens=0,
+                                                     model_overrides={"moe": moe})))
+    layers = [m for m in trainer.raw.modules() if isinstance(m, MoE)]
+    assert layers
+    seen = []
+
+    class NaNFirst(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner, self.calls = model, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            seen.append([m._pending_load is None for m in layers])  # before this step's forward
+            out = self.inner(*args, **kwargs)
+            if self.calls == 1:
+                out.loss = out.loss * float("nan")
+            return out
+
+    trainer.model = NaNFirst(trainer.model)
+    result = trainer.fit()
+    assert result.status == "done" and sorted(result.losses) == [1, 2]
+    assert seen[1] == [True] * len(layers)  # the skipped step's loads were dropped
