@@ -31,6 +31,9 @@ _SCAN_CHUNK = 1 << 24  # tokens per chunk when scanning, bounds the temporary ar
 def prepare_pretokenized(cfg: DataConfig) -> PreparedData:
     """Open a pre-tokenized .bin/.npy source, validate it, and split it into train/val views."""
     path = Path(cfg.source).expanduser().resolve()
+    if cfg.max_documents is not None:  # the file is memory-mapped whole: a cap would be silently ignored
+        raise ValueError(f"data.max_documents = {cfg.max_documents} does not apply to a pre-tokenized source "
+                         f"({path.name}, used whole); set data.max_documents to null, or write a shorter file")
     meta_path = path.with_suffix(".json")
     meta = _read_meta(meta_path, required=path.suffix.lower() == ".bin")
     tokens = _open_tokens(path, meta)

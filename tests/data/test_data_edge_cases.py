@@ -77,3 +77,17 @@ def test_utf8_byte_order_mark_is_not_text(tmp_path, kind):
     body = "first\n\n\nsecond" if kind == "txt" else '{"text": "first"}\n{"text": "second"}\n'
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert load_documents(str(path)) == ["first", "second"]
+
+
+def test_max_documents_on_a_pretokenized_source_is_refused_not_ignored(tmp_path):
+    import numpy as np
+
+    from hybrid_lm.data import prepare_data
+
+    path = tmp_path / "t.bin"
+    np.array([1, 2, 0, 3, 4, 0, 5, 0], dtype=np.uint16).tofile(path)
+    (tmp_path / "t.json").write_text(json.dumps({"dtype": "uint16", "eos_id": 0, "vocab_size": 300}))
+    cfg = DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), val_fraction=0.3)
+    assert len(prepare_data(cfg).train) + len(prepare_data(cfg).val) == 8
+    with pytest.raises(ValueError, match="max_documents = 2 does not apply to a pre-tokenized source"):
+        prepare_data(DataConfig(source=str(path), cache_dir=str(tmp_path / "cache"), max_documents=2))
