@@ -39,6 +39,7 @@ __all__ = [
     "list_backends",
     "compute_dtype",
     "check_cu_seqlens",
+    "autocast_off",
     "without_autocast",
 ]
 
@@ -218,13 +219,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def autocast_off(x: torch.Tensor):
+    """Autocast off on `x`'s device, for references that cast to `compute_dtype` themselves: a bf16 autocast (a CPU
+    bf16 step, or a GPU without the fast backend) would redo their einsums/matmuls in bf16 under them."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def without_autocast(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a reference with autocast off on its first argument's device: it casts to `compute_dtype` itself, and a
-    bf16 autocast (a CPU bf16 step, or a GPU without the fast backend) would redo its einsums/matmuls in bf16."""
+    """Run a reference under `autocast_off` of its first argument."""
 
     @functools.wraps(fn)
     def wrapped(x, *args, **kwargs):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x):
             return fn(x, *args, **kwargs)
 
     return wrapped

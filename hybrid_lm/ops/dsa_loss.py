@@ -28,7 +28,7 @@ from bisect import bisect_right
 
 import torch
 
-from .backends import get_backend, register_backend, resolve_backend
+from .backends import autocast_off, get_backend, register_backend, resolve_backend
 
 __all__ = ["indexer_kl_dense", "indexer_kl_sparse", "attention_recall"]
 
@@ -38,12 +38,6 @@ def _compute_dtype(*tensors):
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
     return dtype
-
-
-def _explicit_dtypes(x: torch.Tensor):
-    """These references cast to their compute dtype themselves: autocast (a bf16 training step on the CPU, where the
-    backward runs in the forward's thread) must not recast their products to bf16 under them."""
-    return torch.autocast(x.device.type, enabled=False)
 
 
 def _check_attention(q, k, cu_seqlens, block):
@@ -192,7 +186,7 @@ class _IndexerKL(torch.autograd.Function):
         ctx.save_for_backward(q, k, q_idx, k_idx, weights, indices, attn_lse)
         ctx.args = (scale, cu, block)
         total = torch.zeros((), dtype=_compute_dtype(q_idx, k_idx, weights), device=q.device)
-        with _explicit_dtypes(q):
+        with autocast_off(q):
             for _, kl in _IndexerKL._sweep(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, need_grad=False):
                 total = total + kl
         return total / (q.shape[0] * q.shape[1])
@@ -229,7 +223,7 @@ class _IndexerKL(torch.autograd.Function):
         dk_idx = torch.zeros(k_idx.shape, dtype=dtype, device=q.device)
         dw = torch.zeros(weights.shape, dtype=dtype, device=q.device)
         g = grad.to(dtype) / (B * T)
-        with torch.no_grad(), _explicit_dtypes(q):
+        with torch.no_grad(), autocast_off(q):  # on the CPU the backward runs in the forward's (autocast) thread
             for state, _ in _IndexerKL._sweep(ctx, q, k, q_idx, k_idx, weights, indices, attn_lse, True):
                 t0, t1, keys, qi, ki, w, dot, dI = state
                 dqi, dki, dwi = _index_logits_backward(dI * g, qi, ki, w, dot)
@@ -313,7 +307,7 @@ def attention_recall(q, k, indices, *, scale=None, cu_seqlens=None, block=256):
     dtype = _compute_dtype(q)
     doc, doc_start = _doc_info(cu, T, q.device)
     total = torch.zeros((), dtype=dtype, device=q.device)
-    with _explicit_dtypes(q):
+    with autocast_off(q):
         for t0, t1, k0 in _blocks(T, block, cu):
             visible = _dense_visible(t0, t1, k0, doc)
             p = _dense_target(q, k, t0, t1, k0, visible[None, None], scale, dtype)  # [B, Bq, Tk]
