@@ -85,14 +85,14 @@ def _rotary(x, cos, sin):
 # "auto" picks the kernel on CUDA: on an H100 (2026-12-06, run 11) tests/gpu/test_rotary_kernel.py passed and
 # dense-350m trained at 32k in 581 ms a step and 55.6 GiB with it, against 704 ms and 65.5 GiB with the fp32
 # reference (run 10, another H100 of the same kind; BENCHMARKS.md). prefer_rotary_kernel(False) keeps the reference.
-ROTARY_PRIORITY = -10
+OPT_IN_PRIORITY = -10  # below "reference" (0): the kernel only when asked for by name
 
 
 def prefer_rotary_kernel(on: bool = True) -> None:
     """Let "auto" pick the rotary kernel on CUDA (on, the default) or the reference (off): benchmarks compare the
     two."""
     register_backend("rotary", "triton", _rotary, available=_triton_on_cuda,
-                     priority=TRITON_PRIORITY if on else ROTARY_PRIORITY, requires="a CUDA device and triton")
+                     priority=TRITON_PRIORITY if on else OPT_IN_PRIORITY, requires="a CUDA device and triton")
 
 
 prefer_rotary_kernel(True)
@@ -104,15 +104,11 @@ def _rms_norm(x, weight, eps, out_dtype):
     return rms_norm_triton(x, weight, eps, out_dtype)
 
 
-def _norm_dtypes(device: torch.device, dtype: torch.dtype) -> bool:
-    return _triton_on_cuda(device, dtype)  # not fp64: the reference keeps its fp32 math there too
-
-
 def prefer_rms_norm_kernel(on: bool = True) -> None:
     """Let "auto" pick the RMSNorm kernel on CUDA (on) or torch's F.rms_norm (off, the default until the kernel is
     timed in a whole model on a GPU; `bench_model.py --rms-norm-kernel` compares the two)."""
-    register_backend("rms_norm", "triton", _rms_norm, available=_norm_dtypes,
-                     priority=TRITON_PRIORITY if on else ROTARY_PRIORITY, requires="a CUDA device and triton")
+    register_backend("rms_norm", "triton", _rms_norm, available=_triton_on_cuda,  # fp64 takes the reference
+                     priority=TRITON_PRIORITY if on else OPT_IN_PRIORITY, requires="a CUDA device and triton")
 
 
 prefer_rms_norm_kernel(False)
