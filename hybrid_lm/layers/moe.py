@@ -234,18 +234,15 @@ class MoE(nn.Module):
             pending = counts.float() if self._pending_load is None else self._pending_load + counts
             self._pending_load = pending.detach()
 
-    def discard_load(self) -> None:
-        """Forget the loads seen since the last balance update (a step that was skipped, not taken)."""
-        self._pending_load = None
-
     @torch.no_grad()
-    def update_balance(self) -> None:
+    def update_balance(self, taken: bool = True) -> None:
         """DeepSeek-V3's aux-loss-free step: raise the selection bias of under-loaded experts and lower that of
-        over-loaded ones by `bias_update_rate`, from the loads seen since the last call (summed over ranks)."""
+        over-loaded ones by `bias_update_rate`, from the loads seen since the last call (summed over ranks). After a
+        step that was skipped, not taken (`taken=False`), the loads are dropped and the biases stay."""
         if self._pending_load is None:
             return
         load, self._pending_load = self._pending_load, None
-        if not self.gate.weight.requires_grad:  # a frozen router (DSA's dense warm-up) keeps its routing too
+        if not taken or not self.gate.weight.requires_grad:  # a frozen router (DSA's dense warm-up) keeps its routing
             return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)  # every rank must apply the same update

@@ -224,19 +224,13 @@ class HybridLM(nn.Module):
         return (p for n, p in self.named_parameters() if ".indexer." in n)
 
     # ----------------------------------------------------------------------------------------------- MoE
-    def update_moe_balance(self) -> None:
+    def update_moe_balance(self, taken: bool = True) -> None:
         """Call after each optimizer step: moves the expert-selection biases of MoE layers with `balancing: bias`
-        (DeepSeek-V3's auxiliary-loss-free balancing) from the loads seen since the last call; no-op otherwise."""
+        (DeepSeek-V3's auxiliary-loss-free balancing) from the loads seen since the last call; no-op otherwise.
+        `taken=False` after a skipped step (a non-finite loss): its loads are dropped, so they move no bias."""
         for module in self.modules():
             if isinstance(module, MoE):
-                module.update_balance()
-
-    def discard_moe_loads(self) -> None:
-        """Call instead of `update_moe_balance` after a step that is skipped (a non-finite loss): the expert loads
-        of its forward must not move the next update's biases."""
-        for module in self.modules():
-            if isinstance(module, MoE):
-                module.discard_load()
+                module.update_balance(taken)
 
     # ----------------------------------------------------------------------------------------------- misc
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -267,7 +267,7 @@ class Trainer:
         grad_norm = self._clip_gradients() if math.isfinite(loss) else math.nan
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
-            self.raw.discard_moe_loads()  # the skipped step's expert loads must not steer the next bias update
+            self.raw.update_moe_balance(taken=False)  # the skipped step's expert loads must not steer the next one
             return None
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
