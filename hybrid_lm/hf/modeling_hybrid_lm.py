@@ -16,7 +16,6 @@ Shapes: `input_ids [B, T]`, `logits [B, T, V]`, every cached tensor batch-first 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache as TransformersCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -204,7 +203,7 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
                          cache=cache if use_cache else None, output_hidden_states=bool(output_hidden_states))
         loss = out.loss
         if labels is not None and num_items is not None:
-            loss = _summed_lm_loss(out.logits, labels) / num_items
+            loss = HybridLM.lm_loss(out.logits, labels, reduction="sum") / num_items
         if labels is not None and self.training and out.aux_loss is not None:
             # the native trainer's objective: the LM loss plus the blocks' auxiliary losses (the MoE balance loss),
             # each micro-batch's share weighted by its scored targets when the Trainer counts them for the step
@@ -215,13 +214,6 @@ class HybridLMForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         return result if return_dict else result.to_tuple()
-
-
-def _summed_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The next-token cross-entropy summed (not averaged) over the scored targets, as the native loss scores them."""
-    targets = next_token_targets(labels)[:, :-1]  # [B, T-1]: position t predicts token t+1
-    return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                           reduction="sum")
 
 
 def _check_unpadded(attention_mask, input_ids) -> None:

@@ -154,10 +154,12 @@ class HybridLM(nn.Module):
         return LMOutput(logits, loss, aux, seq.metrics, tuple(hidden) if hidden is not None else None)
 
     @staticmethod
-    def lm_loss(logits, labels, cu_seqlens=None) -> torch.Tensor:
-        """Mean next-token cross-entropy; no prediction crosses a document boundary."""
+    def lm_loss(logits, labels, cu_seqlens=None, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the scored targets (mean, or `reduction="sum"`); no prediction crosses a
+        document boundary."""
         targets = next_token_targets(labels, cu_seqlens)[:, :-1]  # [B, T-1]: position t predicts token t+1
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                               reduction=reduction)
 
     # ----------------------------------------------------------------------------------------------- memory
     def set_activation_checkpointing(self, on: bool | int = True) -> None:
