@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from ..config import config_from_dict, config_to_dict
+from ..convert import staged_dir
 from ..model.io import build_model, load_model, resolve_model_dir, save_model
-from ..utils.files import fsync_dir, fsync_tree, read_json, write_manifest
+from ..utils.files import read_json, write_manifest
 
 log = logging.getLogger("hybrid_lm")
 
@@ -212,19 +213,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     if missing or unexpected:
         raise ValueError(f"{hf_dir}: weights do not match config.json: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    # written whole into a staging folder beside OUT, then renamed: a failure leaves no half-written OUT
-    staging = out.resolve().with_name(f".{out.name}.import-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    # written whole into a staging folder beside OUT, then renamed (an empty OUT is replaced): a failure leaves no
+    # half-written OUT
+    with staged_dir(out, force=False) as staging:
         save_model(model, staging)
         _copy_tokenizer(hf_dir, staging)
         write_manifest(staging)  # last, so load_model trusts the folder only once every file is in place
-        fsync_tree(staging)
-        os.replace(staging, out)  # an empty OUT is replaced
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_dir(out.resolve().parent)
     return out
 
 
