@@ -290,11 +290,7 @@ def export_deepseek_v32(src: str | Path, out: str | Path, dtype: torch.dtype | N
 
     out = Path(out)
     model_dir = resolve_model_dir(src)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise ValueError(f"output {str(out)!r} exists and is not an empty folder; choose a new OUT_DIR")
-    if out.resolve() == model_dir.resolve():
-        raise ValueError(f"output {str(out)!r} is the source folder; export into a new folder")
-    _check_out(model_dir, out, force)  # with force, OUT must still not hold the source
+    _check_out(model_dir, out, force)  # a folder, empty unless force, and never the source or a folder holding it
     model = load_model(model_dir, dtype=dtype)
     hf = ours_to_deepseek_v32_config(model.config, str(model_dir / "config.yaml"))
     state = ours_to_deepseek_v32_state(model.state_dict(), model.config)
