@@ -25,7 +25,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch
         raise ValueError(f"rms_norm: weight [D] must match x's last dim; got x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)}")
     out_dtype = out_dtype or x.dtype
-    name = resolve_backend("rms_norm", backend, x.device, x.dtype, features={"out_dtype": out_dtype})
+    name = resolve_backend("rms_norm", backend, x.device, x.dtype)
     return get_backend("rms_norm", name)(x, weight, eps, out_dtype)
 
 
